@@ -1,0 +1,141 @@
+"""One student's distillation step (DESIGN §2, Algorithm 1 step 2) and the teacher ensemble.
+
+:class:`Distiller` is pure: it takes a distillation batch (inputs, their indices in D′, and the
+teacher's logits for one posterior sample), folds the sample into each expectation's estimator
+(U_s or U_o) and takes one Adam step on the mean over the batch of Σ_expectations ℓ(target, student).
+The paper writes the objective as (N′/M′)·Σ ℓ; that constant factor does not change Adam's steps
+(up to its ε), so the mean is used and the loss values stay readable.
+
+:class:`EnsembleAccumulator` keeps the teacher ensemble's running predictive E[p] and expected
+entropy E[H[p]] on a fixed evaluation set — the reference students are scored against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import StudentConfig
+from .estimators import ESTIMATORS
+from .expectations import entropy_of, get_expectation, resolve
+from .models import build_student
+
+
+class Distiller:
+    def __init__(self, cfg: StudentConfig, input_shape, num_classes: int, num_distill: int, device="cpu"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.num_classes = num_classes
+        self.heads = resolve(cfg.expectations)
+        self.expectations = {name: get_expectation(name) for name in self.heads}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.model = build_student(
+                cfg.model.arch, input_shape, {n: e.dim(num_classes) for n, e in self.expectations.items()},
+                cfg.model.k1, cfg.model.k2, cfg.model.dropout,
+            ).to(self.device)
+        self.estimators = {
+            name: ESTIMATORS[cfg.estimator](num_distill, exp.dim(num_classes), self.device)
+            for name, exp in self.expectations.items()
+        }
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        steps_per_epoch = max(1, math.ceil(num_distill / cfg.batch_size))
+        halve_every = int(round(cfg.lr_halve_epochs * steps_per_epoch))
+        self.scheduler = (
+            torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=halve_every, gamma=0.5) if halve_every > 0 else None
+        )
+        self.updates = 0
+
+    def targets(self, indices: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fold one posterior sample's statistics into the estimators; return the training targets."""
+        return {
+            name: self.estimators[name].update(indices, exp.statistic(teacher_logits.to(self.device)))
+            for name, exp in self.expectations.items()
+        }
+
+    def train_step(self, inputs: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.model.train()
+        raw = self.model(inputs.to(self.device))
+        losses = {name: exp.loss(targets[name], raw[name]).mean() for name, exp in self.expectations.items()}
+        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.updates += 1
+        return {name: float(v.detach()) for name, v in losses.items()}
+
+    def observe(self, inputs: torch.Tensor, indices: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, float]:
+        """Algorithm 1 step 2 for one batch: update targets with this sample, one student step."""
+        return self.train_step(inputs, self.targets(indices, teacher_logits))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 2048) -> dict[str, torch.Tensor]:
+        """The student's predictions of every expectation it covers (derived ones included), eval mode."""
+        self.model.eval()
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.heads}
+        for i in range(0, len(x), batch_size):
+            raw = self.model(x[i : i + batch_size].to(self.device))
+            for name, exp in self.expectations.items():
+                parts[name].append(exp.predict(raw[name]).cpu())
+        out = {name: torch.cat(v) for name, v in parts.items()}
+        for name in self.cfg.expectations:
+            exp = get_expectation(name)
+            if exp.derived:
+                out[name] = exp.derive(out)
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "estimators": {name: est.state_dict() for name, est in self.estimators.items()},
+            "updates": torch.tensor(self.updates),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        for name, est in self.estimators.items():
+            est.load_state_dict(state["estimators"][name])
+        self.updates = int(state["updates"])
+
+
+class EnsembleAccumulator:
+    """Running teacher-ensemble statistics on a fixed set of inputs (float64 sums)."""
+
+    def __init__(self, num_examples: int, num_classes: int):
+        self.sum_probs = torch.zeros(num_examples, num_classes, dtype=torch.float64)
+        self.sum_entropy = torch.zeros(num_examples, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, logits: torch.Tensor) -> None:
+        probs = torch.softmax(logits.detach().cpu().double(), dim=-1)
+        self.sum_probs += probs
+        self.sum_entropy += entropy_of(probs)
+        self.count += 1
+
+    @property
+    def predictive(self) -> torch.Tensor:
+        return self.sum_probs / max(self.count, 1)
+
+    @property
+    def expected_entropy(self) -> torch.Tensor:
+        return self.sum_entropy / max(self.count, 1)
+
+    @property
+    def mutual_information(self) -> torch.Tensor:
+        return (entropy_of(self.predictive) - self.expected_entropy).clamp_min(0.0)
+
+    def state_dict(self) -> dict:
+        return {"sum_probs": self.sum_probs.clone(), "sum_entropy": self.sum_entropy.clone(), "count": torch.tensor(self.count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sum_probs.copy_(state["sum_probs"])
+        self.sum_entropy.copy_(state["sum_entropy"])
+        self.count = int(state["count"])
