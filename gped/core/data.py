@@ -30,6 +30,7 @@ DESIGN §2 ("Data manipulations", D′) and §4 ("Data").  Three layers:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -41,7 +42,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -487,7 +488,7 @@ class PreparedData:
 
     @property
     def labelled_x(self) -> np.ndarray:
-        """Inputs of the labelled training subset D (what the teacher's chain sees)."""
+        """Inputs of the labelled training subset D (what the teacher's chain sees); a new array each call."""
         return self.train_x[self.labelled]
 
     @property
@@ -597,6 +598,32 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike) -> PreparedData:
     """
     cfg.validate()
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(out):
+        return _prepare_locked(cfg, out)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``folder/.prepare.lock``: roles started together prepare once.
+
+    Without it two processes would both build the (deterministic, hence identical) arrays; the
+    lock only saves the duplicate work.  Where ``fcntl`` is missing it is a no-op.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(folder / ".prepare.lock", "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _prepare_locked(cfg: DataConfig, out: Path) -> PreparedData:
     settings = preparation_settings(cfg)
     existing = _read_meta(out)
     if existing is not None:
@@ -610,7 +637,6 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike) -> PreparedData:
     arrays, stats = _build_arrays(cfg)
     fingerprint = compute_fingerprint(arrays, settings)
     meta = _make_meta(arrays, settings, stats, fingerprint)
-    out.mkdir(parents=True, exist_ok=True)
     for name, arr in arrays.items():
         if arr is not None:
             _save_npy(out / f"{name}.npy", arr)
@@ -735,7 +761,10 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
             if name != "ood_x":
                 raise DataError(f"prepared data {folder}: meta.json does not list {name}.npy")
             continue
-        arr = _load_npy(folder / f"{name}.npy")
+        try:
+            arr = _load_npy(folder / f"{name}.npy")
+        except DataError as exc:
+            raise DataError(f"prepared data {folder} is damaged: {exc}; delete the folder and prepare it again") from None
         if arr.dtype.str != _ARRAY_DTYPES[name].str or arr.dtype.str != spec.get("dtype") or list(arr.shape) != spec.get("shape"):
             raise DataError(
                 f"prepared data {folder}: {name}.npy is {arr.dtype.str}{list(arr.shape)}, "

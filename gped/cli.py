@@ -1,0 +1,117 @@
+"""The ``gped`` command: a thin click layer that parses, loads the config, and calls the library.
+
+Every command takes an optional CONFIG (TOML; the built-in defaults when omitted) and any number of
+``--set key=value`` overrides. Bad input ends with one ``error: ...`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from . import __version__
+from .errors import GpedError
+
+
+def _fail_cleanly(func):
+    """Turn a GpedError into one clear line and exit 2; Ctrl-C into exit 130 without a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except GpedError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+config_argument = click.argument("config", required=False, type=click.Path(dir_okay=False))
+overrides_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value, e.g. --set sampler.step_size=1e-5 (repeatable)."
+)
+run_dir_option = click.option("--run-dir", default=None, help="Run directory (default: the config's run_dir).")
+
+
+def _load(config, overrides, run_dir=None):
+    from .config import load_config
+
+    extra = list(overrides)
+    if run_dir:
+        extra.append(f'run_dir="{run_dir}"')
+    return load_config(config, extra)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="gped")
+def main() -> None:
+    """gped: distil Bayesian posterior expectations (GPED) into small student networks, online."""
+
+
+@main.group()
+def data() -> None:
+    """Prepare and inspect persisted data sets."""
+
+
+@data.command("prepare")
+@config_argument
+@overrides_option
+@click.option("--out", default=None, help="Folder for the prepared data set (default: data.prepared or <run_dir>/data).")
+@_fail_cleanly
+def data_prepare(config, overrides, out) -> None:
+    """Load, subset, occlude and persist a data set once (with a fingerprint) for every later run."""
+    from .core.data import prepare
+    from .log import setup_logging
+    from .runtime import prepared_dir
+
+    setup_logging("data")
+    cfg = _load(config, overrides)
+    path = out or prepared_dir(cfg)
+    prepared = prepare(cfg.data, path)
+    click.echo(
+        f"prepared {cfg.data.source} at {path}: {prepared.num_train} labelled / {prepared.num_distill} distillation / "
+        f"{len(prepared.test_x)} test examples, input {prepared.input_shape}, {prepared.num_classes} classes, "
+        f"fingerprint {prepared.fingerprint}"
+    )
+
+
+@main.command()
+@config_argument
+@overrides_option
+@run_dir_option
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@_fail_cleanly
+def reference(config, overrides, run_dir, device) -> None:
+    """Run the paper's Algorithm 1 sequentially in one process (the correctness and speed oracle)."""
+    from .core.evaluate import summary_table
+    from .log import setup_logging
+    from .reference import run_reference
+    from .runtime import set_threads
+
+    setup_logging("reference")
+    cfg = _load(config, overrides, run_dir)
+    set_threads(cfg.threads)
+    rows = run_reference(cfg, device=device)
+    click.echo(summary_table(rows))
+
+
+def _register_role_commands() -> None:
+    """Role commands live in :mod:`gped.cli_roles` so this module stays a table of contents."""
+    try:
+        from . import cli_roles
+    except ImportError:  # pragma: no cover - roles not installed
+        return
+    cli_roles.register(main)
+
+
+_register_role_commands()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
