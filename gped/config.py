@@ -226,22 +226,39 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def chain_hash(self) -> str:
-        """Hash of everything that defines the chain and its samples (what every role must agree on)."""
-        chain = {"data": dataclasses.asdict(self.data), "teacher": dataclasses.asdict(self.teacher)}
-        sampler = dataclasses.asdict(self.sampler)
-        sampler.pop("device")
-        chain["sampler"] = sampler
-        chain["data"].pop("prepared")
-        return _hash(chain)
+        """Hash of everything that defines the chain and its samples (what every role must agree on).
+
+        Host-local choices (folders, devices, threads) are left out: the data itself is checked by
+        its fingerprint, so two hosts reading the same data from different folders agree.
+        """
+        return _hash({"data": _portable(self.data), "teacher": dataclasses.asdict(self.teacher), "sampler": _portable(self.sampler)})
 
     def config_hash(self) -> str:
-        return _hash(self.to_dict())
+        """Hash of the whole experiment, host-local choices left out (see :meth:`chain_hash`)."""
+        raw = self.to_dict()
+        raw["data"] = _portable(self.data)
+        raw["sampler"] = _portable(self.sampler)
+        raw["students"] = [_portable(s) for s in self.students]
+        for key in ("run_dir", "threads"):
+            raw.pop(key)
+        coordinator = raw["coordinator"]
+        for key in ("keys", "allow_insecure"):
+            coordinator.pop(key)
+        return _hash(raw)
 
     def student(self, name: str) -> StudentConfig:
         for student in self.students:
             if student.name == name:
                 return student
         raise ConfigError(f"no student named {name!r} in the config; have {', '.join(s.name for s in self.students)}")
+
+
+#: fields that may differ between hosts of one run without changing what is computed
+HOST_LOCAL_FIELDS = {"root", "ood_root", "prepared", "download", "device"}
+
+
+def _portable(part: Any) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(part).items() if k not in HOST_LOCAL_FIELDS}
 
 
 def _hash(obj: Any) -> str:
