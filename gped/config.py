@@ -141,6 +141,8 @@ class StudentConfig:
     batch_size: int = 100
     #: student Adam steps per received posterior sample (params mode can afford more than one)
     steps_per_sample: int = 1
+    #: params mode: when behind, jump to the newest snapshot (False: process every one, in order)
+    skip_stale: bool = True
     seed: int = 0
     device: str = "auto"
 
@@ -170,7 +172,12 @@ class StudentConfig:
 class CoordinatorConfig:
     """Evaluation, checkpoints and the addresses every role meets at."""
 
+    #: the coordinator's address as the other roles reach it
     host: str = "127.0.0.1"
+    #: the sampler's address as students reach it (None: same as ``host``)
+    sampler_host: str | None = None
+    #: interface to bind on (None: the advertised address); e.g. 0.0.0.0 across hosts
+    bind: str | None = None
     #: first port; the run uses ``port`` (control), ``port + 1`` (samples), ``port + 2`` (reports)
     port: int = 5755
     #: evaluate students every this many posterior samples
@@ -182,6 +189,8 @@ class CoordinatorConfig:
     peer_timeout_s: float = 10.0
     #: give up and stop cleanly after waiting this long for a missing peer (0 = wait forever)
     give_up_s: float = 300.0
+    #: how long the coordinator waits for every configured student before letting the sampler start
+    wait_for_students_s: float = 120.0
     #: bind to a non-loopback address even without CURVE keys
     allow_insecure: bool = False
     #: folder with CURVE keys made by ``gped keys`` (enables authentication)
@@ -242,7 +251,7 @@ class RunConfig:
         for key in ("run_dir", "threads"):
             raw.pop(key)
         coordinator = raw["coordinator"]
-        for key in ("keys", "allow_insecure"):
+        for key in ("keys", "allow_insecure", "host", "sampler_host", "bind"):
             coordinator.pop(key)
         return _hash(raw)
 
@@ -354,16 +363,20 @@ def _list_item(node: list, part: str, where: str) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a TOML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    """Read a TOML config (or a resolved ``config.json``, or the defaults when ``path`` is None),
+    apply overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            text = path.read_text()
+            raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot parse config {path}: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {path} must hold a table of settings")
     apply_overrides(raw, list(overrides or []))
     return from_dict(RunConfig, raw).validate()
 

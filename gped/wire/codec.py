@@ -161,8 +161,8 @@ def _decode(frames: Sequence[Frame], limit: int) -> Message:
     if total > limit:
         raise ProtocolError("size", f"message is {total} bytes, limit {limit}")
     header = _unpack_header(buffers[0])
-    sender = header.get("sender")
-    sender = show(sender, 80) if not isinstance(sender, str) else sender[:80]
+    claimed = header.get("sender")
+    sender = claimed if type(claimed) is str and claimed.isprintable() and len(claimed) <= 80 else show(claimed, 80)
     try:
         return _build_message(header, buffers[1:], limit)
     except ProtocolError as exc:
@@ -193,12 +193,27 @@ def _unpack_header(buffer: memoryview) -> dict[Any, Any]:
     if buffer.nbytes > MAX_HEADER_BYTES:
         raise ProtocolError("size", f"header is {buffer.nbytes} bytes, limit {MAX_HEADER_BYTES}")
     try:
-        header = msgpack.unpackb(buffer, raw=False, strict_map_key=True, use_list=True, **_UNPACK_LIMITS)
+        header = msgpack.unpackb(
+            buffer,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            object_pairs_hook=_unique_keys_map,
+            **_UNPACK_LIMITS,
+        )
     except Exception as exc:  # msgpack raises many types (ValueError, StackError, UnicodeError...)
         raise ProtocolError("header", f"header is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise ProtocolError("header", f"header is a msgpack {type(header).__name__}, not a map")
     return header
+
+
+def _unique_keys_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """msgpack map hook: refuse duplicate keys, which other parsers might resolve differently."""
+    mapping = dict(pairs)
+    if len(mapping) != len(pairs):
+        raise ValueError("duplicate map key")
+    return mapping
 
 
 def _build_message(header: dict[Any, Any], array_frames: list[memoryview], limit: int) -> Message:

@@ -188,7 +188,10 @@ def _as_int(name: str, value: Any) -> int:
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ProtocolError("field", f"{name} must be a float, got {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ProtocolError("value", f"{name} is too large for a float") from None
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -506,8 +509,9 @@ PROB_SUM_TOL = 1e-3
 
 @message
 class Report(Message):
-    """A student's evaluation on the test set: its predictive ``probs`` [N_test, C] (rows sum to 1)
-    and, when it distils the expected entropy, ``entropy`` [N_test] (else shape [0])."""
+    """A student's evaluation on the test set: its predictive ``probs`` [N_test, C] (rows sum to 1;
+    shape [0, C] when it does not distil the predictive) and, when it distils the expected entropy,
+    ``entropy`` [N_test] (else shape [0])."""
 
     student: str = scalar(safe_name=True)
     metrics: dict[str, float] = scalar(default_factory=dict)
@@ -516,7 +520,7 @@ class Report(Message):
 
     def _cross_check(self) -> None:
         rows = self.probs.shape[0]
-        if self.entropy.shape[0] not in (0, rows):
+        if rows and self.entropy.shape[0] not in (0, rows):
             raise ProtocolError("shape", f"entropy has {self.entropy.shape[0]} entries for {rows} probs rows")
         if rows:
             sums = self.probs.sum(axis=1, dtype=np.float64)
@@ -539,6 +543,11 @@ class CheckpointDone(Message):
     tag: str = scalar(safe_name=True)
     path: str = scalar(max_len=MAX_PATH_LEN)
     ok: bool = scalar()
+
+
+@message
+class Start(Message):
+    """The coordinator's go: every role has said hello and been welcomed, so the chain may run."""
 
 
 @message

@@ -1,0 +1,106 @@
+"""Plumbing every role process shares: stop flags, the handshake, heartbeats, checkpoint paths."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import zmq
+
+from ..config import RunConfig
+from ..errors import GpedError
+from ..transport import Channel
+from ..wire import PROTOCOL_VERSION, Hello, Stop, Welcome
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM (or by a Stop message); loops check it and wind down cleanly."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.reason is not None
+
+    def set(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+
+    def install(self) -> "StopFlag":
+        def handler(signum, _frame):
+            self.set(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+        return self
+
+
+class Every:
+    """True once every ``interval_s`` seconds (for heartbeats and status lines)."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self.last = 0.0
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            return True
+        return False
+
+
+def make_hello(cfg: RunConfig, role: str, name: str, fingerprint: str, resume_step: int = 0) -> Hello:
+    return Hello(
+        role=role,
+        name=name,
+        pid=os.getpid(),
+        protocol=PROTOCOL_VERSION,
+        config_hash=cfg.config_hash(),
+        chain_hash=cfg.chain_hash(),
+        data_fingerprint=fingerprint,
+        mode=cfg.sampler.mode,
+        resume_step=resume_step,
+    )
+
+
+def handshake(control: Channel, hello: Hello, cfg: RunConfig, stop: StopFlag, log: logging.Logger) -> Welcome:
+    """Say hello to the coordinator until it answers; raise GpedError if refused or given up.
+
+    The hello is re-sent every ``peer_timeout_s`` (a coordinator that starts later, or restarts,
+    still gets one); after ``give_up_s`` without an answer the role stops cleanly.
+    """
+    start = time.monotonic()
+    give_up = cfg.coordinator.give_up_s
+    while not stop:
+        control.send(hello)
+        deadline = time.monotonic() + cfg.coordinator.peer_timeout_s
+        while time.monotonic() < deadline and not stop:
+            got = control.recv(timeout_ms=200)
+            if got is None or got[1] is None:
+                continue
+            msg = got[1]
+            if isinstance(msg, Welcome):
+                if not msg.accepted:
+                    raise GpedError(f"coordinator refused this {hello.role} {hello.name!r}: {msg.reason}")
+                return msg
+            if isinstance(msg, Stop):
+                raise GpedError(f"coordinator stopped the run before it started: {msg.reason}")
+        waited = time.monotonic() - start
+        if give_up and waited > give_up:
+            raise GpedError(f"no answer from the coordinator at {cfg.coordinator.host}:{cfg.coordinator.port} after {waited:.0f} s")
+        log.warning("waiting for the coordinator at %s:%d (%.0f s so far)", cfg.coordinator.host, cfg.coordinator.port, waited)
+    raise GpedError(f"stopped ({stop.reason}) before the coordinator answered")
+
+
+def checkpoint_path(cfg: RunConfig, role: str, name: str) -> Path:
+    return Path(cfg.run_dir) / "checkpoints" / f"{role}-{name}.pt"
+
+
+def close_all(ctx: zmq.Context, *sockets: zmq.Socket) -> None:
+    for sock in sockets:
+        sock.close()
+    ctx.term()

@@ -1,0 +1,168 @@
+"""The sampler role: the teacher's SGLD chain, streaming posterior samples (DESIGN §3).
+
+After burn-in, every H steps, it publishes the teacher's parameters (topic ``p``; the coordinator
+builds the ensemble from them, params-mode students distil from them) and, in targets mode, the
+teacher's logits on a distillation batch drawn from its own seeded stream (topic ``t``: indices
+and a noise seed, never the inputs). Publishing never blocks the chain: a full queue drops for the
+slow subscriber, who sees the gap in sequence numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import zmq
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import RunConfig
+from ..core.chain import DistillStream, TeacherChain, evaluate_logits
+from ..core.data import distill_inputs
+from ..core.models import flat_parameters
+from ..errors import GpedError
+from ..log import Progress, setup_logging
+from ..runtime import TARGETS_STREAM_OFFSET, build_teacher_for, load_data, pick_device, set_threads
+from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, TOPIC_TARGETS, Addresses, Channel, bind, make_socket
+from ..wire import Heartbeat, Message, Params, Start, Stop, Targets
+from .common import Every, StopFlag, checkpoint_path, close_all, handshake, make_hello
+
+log = logging.getLogger("gped.sampler")
+
+Publish = Callable[[bytes, Message], bool]
+
+
+class SamplerRole:
+    """The chain plus what it emits; ``publish(topic, message)`` is the only way out."""
+
+    def __init__(self, cfg: RunConfig, data, device: torch.device, publish: Publish):
+        self.cfg = cfg
+        self.device = device
+        self.publish = publish
+        self.train_x = torch.from_numpy(data.train_x).to(device)
+        self.chain = TeacherChain(
+            build_teacher_for(cfg, data), torch.from_numpy(data.labelled_x), torch.from_numpy(data.labelled_y), cfg.sampler, device
+        )
+        self.stream = DistillStream(len(data.train_x), cfg.sampler.distill_batch, cfg.sampler.seed + TARGETS_STREAM_OFFSET)
+        self.samples_sent = 0
+        self.send_failures = 0
+        self.last_nll = float("nan")
+
+    @property
+    def done(self) -> bool:
+        return self.chain.step >= self.cfg.sampler.steps
+
+    def step(self) -> bool:
+        """One chain step; on a posterior sample, publish it. Returns whether a sample went out."""
+        self.last_nll = self.chain.advance()
+        if not self.chain.is_sample():
+            return False
+        step, sample = self.chain.step, self.chain.sample_id
+        flat = flat_parameters(self.chain.model).cpu().numpy()
+        ok = self.publish(TOPIC_PARAMS, Params(step=step, sample=sample, numel=flat.size, params=flat))
+        if self.cfg.sampler.mode == "targets":
+            indices, noise_seed = self.stream.next()
+            inputs = distill_inputs(self.train_x, indices.to(self.device), noise_seed, self.cfg.data.distill_noise)
+            logits = evaluate_logits(self.chain.model, inputs).cpu().numpy().astype(np.float32, copy=False)
+            ok &= self.publish(
+                TOPIC_TARGETS,
+                Targets(step=step, sample=sample, noise_seed=noise_seed, indices=indices.numpy(), logits=logits),
+            )
+        self.samples_sent += 1
+        self.send_failures += not ok
+        return True
+
+    def status(self) -> dict:
+        return {"step": self.chain.step, "samples": self.samples_sent, "send_failures": self.send_failures, "nll": round(self.last_nll, 5)}
+
+    def state_dict(self) -> dict:
+        return {"chain": self.chain.state_dict(), "stream": self.stream.state_dict(), "samples_sent": self.samples_sent}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.chain.load_state_dict(state["chain"])
+        self.stream.load_state_dict(state["stream"])
+        self.samples_sent = int(state["samples_sent"])
+
+
+def run(cfg: RunConfig, resume: bool = False, device: str | None = None) -> int:
+    """Process entry point: handshake, wait for the start signal, run the chain, stream, stop."""
+    setup_logging("sampler")
+    set_threads(cfg.threads)
+    stop = StopFlag().install()
+    data = load_data(cfg)
+    dev = pick_device(device or cfg.sampler.device)
+    addresses = Addresses.from_config(cfg.coordinator)
+    ctx = zmq.Context()
+    control_sock = make_socket(ctx, zmq.DEALER)
+    control_sock.connect(addresses.control)
+    pub_sock = make_socket(ctx, zmq.PUB)
+    control = Channel(control_sock, "sampler", log)
+    samples = Channel(pub_sock, "sampler", log)
+    try:
+        role = SamplerRole(cfg, data, dev, lambda topic, msg: samples.send(msg, [topic]))
+        ckpt = checkpoint_path(cfg, "sampler", "sampler")
+        if resume and ckpt.exists():
+            role.load_state_dict(load_checkpoint(ckpt, dev)["role"])
+            log.info("resumed from %s at step %d", ckpt, role.chain.step)
+        welcome = handshake(control, make_hello(cfg, "sampler", "sampler", data.fingerprint, role.chain.step), cfg, stop, log)
+        bind(pub_sock, addresses.samples_bind, cfg.coordinator, "the sample stream")
+        log.info("accepted by the coordinator (run dir %s); publishing on %s; waiting for the start signal", welcome.run_dir, addresses.samples_bind)
+        if not _wait_for_start(control, samples, cfg, stop):
+            return 0
+        log.info("started: %s mode, %d steps, burn-in %d, thin %d, device %s", cfg.sampler.mode, cfg.sampler.steps, cfg.sampler.burn_in, cfg.sampler.thin, dev)
+        _loop(role, control, samples, cfg, stop, ckpt)
+        return 0
+    except GpedError as exc:
+        log.error("%s", exc)
+        return 2
+    finally:
+        close_all(ctx, control_sock, pub_sock)
+
+
+def _wait_for_start(control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag) -> bool:
+    """Publish heartbeats (so subscribers can tell they are connected) until the coordinator says start."""
+    beat = Every(min(cfg.coordinator.heartbeat_s, 0.2))
+    while not stop:
+        if beat():
+            samples.send(Heartbeat(role="sampler", name="sampler", status={"state": "waiting"}), [TOPIC_CONTROL])
+        got = control.recv(timeout_ms=50)
+        if got and isinstance(got[1], Start):
+            return True
+        if got and isinstance(got[1], Stop):
+            log.info("coordinator stopped the run before it started: %s", got[1].reason)
+            return False
+    return False
+
+
+def _loop(role: SamplerRole, control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, ckpt) -> None:
+    beat = Every(cfg.coordinator.heartbeat_s)
+    poll = Every(0.05)
+    progress = Progress(log, 5.0, unit="step")
+    every_ckpt = cfg.coordinator.checkpoint_every
+    while not stop and not role.done:
+        if role.step() and role.samples_sent % every_ckpt == 0:
+            save_checkpoint(ckpt, {"role": role.state_dict(), "config_hash": cfg.config_hash()})
+        if poll():
+            got = control.recv()
+            if got and isinstance(got[1], Stop):
+                stop.set(f"coordinator: {got[1].reason}")
+        if beat():
+            status = role.status()
+            control.send(Heartbeat(role="sampler", name="sampler", status=status))
+            samples.send(Heartbeat(role="sampler", name="sampler", status=status), [TOPIC_CONTROL])
+        progress.update(role.chain.step, samples=role.samples_sent, nll=role.last_nll, send_failures=role.send_failures)
+    save_checkpoint(ckpt, {"role": role.state_dict(), "config_hash": cfg.config_hash()})
+    reason = "done" if role.done else f"stopped: {stop.reason}"
+    end = Stop(step=role.chain.step, sample=role.samples_sent - 1, reason=reason)
+    samples.send(end, [TOPIC_CONTROL])
+    control.send(Stop(step=role.chain.step, sample=role.samples_sent - 1, reason=reason))
+    progress.update(role.chain.step, force=True, samples=role.samples_sent, nll=role.last_nll, send_failures=role.send_failures)
+    log.info("chain %s at step %d after %d samples", reason, role.chain.step, role.samples_sent)
+    time.sleep(0.2)  # let the end-of-stream marker leave before linger starts counting
+
+
+def main(cfg: RunConfig, resume: bool = False, device: str | None = None) -> None:
+    sys.exit(run(cfg, resume, device))

@@ -1,0 +1,229 @@
+"""The student role: one student network distilling its expectations from the stream (DESIGN §3).
+
+* targets mode — it rebuilds each batch's inputs from its own copy of the data (indices + noise
+  seed) and takes one step on the teacher's logits that came with them;
+* params mode — it loads the newest teacher snapshot into its own teacher copy and draws
+  ``steps_per_sample`` batches from its own seeded stream, evaluating the teacher itself. When it
+  falls behind it skips to the newest snapshot (``skip_stale``); older ones count as superseded.
+
+Samples it never received (sampler queue overflow, a restart) show up as gaps in sample ids and
+are counted as missed. Every ``eval_every`` samples, and at the end, it sends the coordinator its
+test-set predictions for scoring.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import zmq
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import RunConfig, StudentConfig
+from ..core.chain import DistillStream, evaluate_logits
+from ..core.data import distill_inputs
+from ..core.distill import Distiller
+from ..core.models import load_flat_parameters
+from ..errors import GpedError
+from ..log import Progress, setup_logging
+from ..runtime import build_teacher_for, load_data, pick_device, set_threads
+from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, TOPIC_TARGETS, Addresses, Channel, make_socket
+from ..wire import Heartbeat, Message, Params, Report, Stop, Targets
+from .common import Every, StopFlag, checkpoint_path, close_all, handshake, make_hello
+
+log = logging.getLogger("gped.student")
+
+
+class StudentRole:
+    """One distiller fed by sample messages; ``send(message)`` reports to the coordinator."""
+
+    def __init__(self, cfg: RunConfig, student: StudentConfig, data, device: torch.device, send: Callable[[Message], bool]):
+        self.cfg = cfg
+        self.student = student
+        self.device = device
+        self.send = send
+        self.train_x = torch.from_numpy(data.train_x).to(device)
+        self.test_x = torch.from_numpy(data.test_x)
+        self.num_classes = data.num_classes
+        self.distiller = Distiller(student, data.input_shape, data.num_classes, len(data.train_x), device)
+        self.teacher = build_teacher_for(cfg, data).to(device) if cfg.sampler.mode == "params" else None
+        self.stream = DistillStream(len(data.train_x), student.batch_size, student.seed)
+        self.last_sample = -1
+        self.samples = 0
+        self.missed = 0
+        self.superseded = 0
+        self.losses: dict[str, float] = {}
+
+    def _count(self, msg: Message) -> bool:
+        """Track sample ids; False for a stale or duplicate sample (ignored)."""
+        if msg.sample <= self.last_sample:
+            return False
+        self.missed += msg.sample - self.last_sample - 1
+        self.last_sample = msg.sample
+        self.samples += 1
+        return True
+
+    def on_targets(self, msg: Targets) -> bool:
+        if not self._count(msg):
+            return False
+        indices = torch.from_numpy(np.array(msg.indices, dtype=np.int64))
+        if int(indices.max()) >= len(self.train_x) or msg.logits.shape[1] != self.num_classes:
+            log.warning("targets message %d does not fit this data set; ignored", msg.sample)
+            return False
+        inputs = distill_inputs(self.train_x, indices.to(self.device), msg.noise_seed, self.cfg.data.distill_noise)
+        self.losses = self.distiller.observe(inputs, indices, torch.from_numpy(np.array(msg.logits)))
+        return True
+
+    def on_params(self, msg: Params) -> bool:
+        if not self._count(msg):
+            return False
+        try:
+            load_flat_parameters(self.teacher, torch.from_numpy(np.array(msg.params)))
+        except ValueError as exc:
+            log.warning("params message %d rejected: %s", msg.sample, exc)
+            return False
+        for _ in range(self.student.steps_per_sample):
+            indices, noise_seed = self.stream.next()
+            inputs = distill_inputs(self.train_x, indices.to(self.device), noise_seed, self.cfg.data.distill_noise)
+            self.losses = self.distiller.observe(inputs, indices, evaluate_logits(self.teacher, inputs))
+        return True
+
+    def report(self, final: bool = False) -> Report:
+        preds = self.distiller.predict(self.test_x)
+        probs = preds.get("predictive")
+        probs = probs.numpy().astype(np.float32) if probs is not None else np.zeros((0, self.num_classes), np.float32)
+        entropy = preds.get("expected_entropy")
+        entropy = entropy.reshape(-1).numpy().astype(np.float32) if entropy is not None else np.zeros(0, np.float32)
+        metrics = {f"loss.{k}": float(v) for k, v in self.losses.items()}
+        metrics.update(final=float(final), samples=float(self.samples), missed=float(self.missed), updates=float(self.distiller.updates))
+        msg = Report(step=0, sample=max(self.last_sample, -1), student=self.student.name, metrics=metrics, probs=probs, entropy=entropy)
+        self.send(msg)
+        return msg
+
+    def status(self) -> dict:
+        status = {"samples": self.samples, "last_sample": self.last_sample, "missed": self.missed, "superseded": self.superseded,
+                  "updates": self.distiller.updates}
+        status.update({f"loss.{k}": round(v, 5) for k, v in self.losses.items()})
+        return status
+
+    def state_dict(self) -> dict:
+        return {"distiller": self.distiller.state_dict(), "stream": self.stream.state_dict(), "last_sample": self.last_sample,
+                "samples": self.samples, "missed": self.missed, "superseded": self.superseded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.distiller.load_state_dict(state["distiller"])
+        self.stream.load_state_dict(state["stream"])
+        for key in ("last_sample", "samples", "missed", "superseded"):
+            setattr(self, key, int(state[key]))
+
+
+def run(cfg: RunConfig, name: str, resume: bool = False, device: str | None = None) -> int:
+    student = cfg.student(name)
+    setup_logging(f"student:{name}")
+    set_threads(cfg.threads)
+    stop = StopFlag().install()
+    data = load_data(cfg)
+    dev = pick_device(device or student.device)
+    addresses = Addresses.from_config(cfg.coordinator)
+    ctx = zmq.Context()
+    control_sock = make_socket(ctx, zmq.DEALER)
+    control_sock.connect(addresses.control)
+    sub_sock = make_socket(ctx, zmq.SUB, hwm=DEFAULT_SUB_HWM)
+    topic = TOPIC_TARGETS if cfg.sampler.mode == "targets" else TOPIC_PARAMS
+    for t in (topic, TOPIC_CONTROL):
+        sub_sock.setsockopt(zmq.SUBSCRIBE, t)
+    sub_sock.connect(addresses.samples)  # subscribe before the handshake: no slow-joiner loss
+    control = Channel(control_sock, f"student:{name}", log)
+    samples = Channel(sub_sock, f"student:{name}", log)
+    try:
+        role = StudentRole(cfg, student, data, dev, control.send)
+        ckpt = checkpoint_path(cfg, "student", name)
+        if resume and ckpt.exists():
+            role.load_state_dict(load_checkpoint(ckpt, dev)["role"])
+            log.info("resumed from %s after sample %d", ckpt, role.last_sample)
+        handshake(control, make_hello(cfg, "student", name, data.fingerprint, max(role.last_sample, 0)), cfg, stop, log)
+        log.info("accepted; distilling %s with %s estimator on %s; waiting for samples from %s",
+                 ",".join(student.expectations), student.estimator, dev, addresses.samples)
+        _loop(role, control, samples, cfg, stop, ckpt)
+        return 0
+    except GpedError as exc:
+        log.error("%s", exc)
+        return 2
+    finally:
+        close_all(ctx, control_sock, sub_sock)
+
+
+DEFAULT_SUB_HWM = 1000
+
+
+def _drain(samples: Channel, first: Message) -> tuple[Message, int]:
+    """Params mode: take everything queued, keep the newest snapshot (end-of-stream wins)."""
+    newest, skipped = first, 0
+    while True:
+        got = samples.recv(prefix_frames=1)
+        if got is None:
+            return newest, skipped
+        msg = got[1]
+        if isinstance(msg, Stop):
+            return msg, skipped + isinstance(newest, Params)
+        if isinstance(msg, Params):
+            skipped += isinstance(newest, Params)
+            newest = msg
+
+
+def _loop(role: StudentRole, control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, ckpt) -> None:
+    coord = cfg.coordinator
+    beat, warn = Every(coord.heartbeat_s), Every(coord.peer_timeout_s)
+    progress = Progress(log, 5.0, unit="sample")
+    last_heard = time.monotonic()
+    sampler_seen = False
+    pending_final = False
+    poller = zmq.Poller()
+    poller.register(samples.socket, zmq.POLLIN)
+    poller.register(control.socket, zmq.POLLIN)
+    while not stop:
+        ready = dict(poller.poll(100))
+        if samples.socket in ready:
+            got = samples.recv(prefix_frames=1)
+            msg = got[1] if got else None
+            if msg is not None:
+                last_heard, sampler_seen = time.monotonic(), True
+                if isinstance(msg, Params) and role.student.skip_stale:
+                    msg, skipped = _drain(samples, msg)
+                    role.superseded += skipped
+                if isinstance(msg, Stop):
+                    pending_final = True
+                    log.info("sampler finished (%s); final report", msg.reason)
+                    break
+                handled = role.on_targets(msg) if isinstance(msg, Targets) else role.on_params(msg) if isinstance(msg, Params) else False
+                if handled:
+                    if role.samples % coord.eval_every == 0:
+                        role.report()
+                    if role.samples % coord.checkpoint_every == 0:
+                        save_checkpoint(ckpt, {"role": role.state_dict(), "config_hash": cfg.config_hash()})
+        if control.socket in ready:
+            got = control.recv()
+            if got and isinstance(got[1], Stop):
+                stop.set(f"coordinator: {got[1].reason}")
+        if beat():
+            control.send(Heartbeat(role="student", name=role.student.name, status={**role.status(), "sampler_seen": int(sampler_seen)}))
+        silent = time.monotonic() - last_heard
+        if silent > coord.peer_timeout_s and warn():
+            log.warning("no samples or heartbeats from the sampler for %.0f s; waiting", silent)
+        if coord.give_up_s and silent > coord.give_up_s:
+            log.error("sampler silent for %.0f s; giving up (checkpoint kept)", silent)
+            break
+        progress.update(role.samples, missed=role.missed, superseded=role.superseded, **role.losses)
+    save_checkpoint(ckpt, {"role": role.state_dict(), "config_hash": cfg.config_hash()})
+    role.report(final=pending_final)
+    control.send(Heartbeat(role="student", name=role.student.name, status={**role.status(), "state": "done"}))
+    progress.update(role.samples, force=True, missed=role.missed, superseded=role.superseded, **role.losses)
+    time.sleep(0.2)
+
+
+def main(cfg: RunConfig, name: str, resume: bool = False, device: str | None = None) -> None:
+    sys.exit(run(cfg, name, resume, device))

@@ -1,0 +1,129 @@
+"""Sockets: the only place gped touches ZeroMQ. The message format lives in :mod:`gped.wire`.
+
+Topology (all addresses from :class:`~gped.config.CoordinatorConfig`):
+
+* control — the coordinator binds a ROUTER at ``tcp://host:port``; every role connects a DEALER.
+  Handshake, heartbeats, reports, checkpoint notices and stop travel here.
+* samples — the sampler binds a PUB at ``tcp://sampler_host:port+1``; students and the coordinator
+  connect SUBs. Each message is prefixed by a one-frame topic: ``p`` parameters, ``t`` targets,
+  ``c`` the sampler's own heartbeats and end of stream.
+
+Flow control: every socket has a bounded high-water mark. A PUB socket never blocks: when a
+subscriber's queue is full ZeroMQ drops for that subscriber, and the receiver counts the gap in
+sequence numbers. DEALER sends use NOBLOCK and count what could not be queued. Every receive takes a
+timeout. ``linger`` is bounded so closing never hangs on a dead peer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+
+import zmq
+
+from .config import CoordinatorConfig
+from .wire import Message, RejectCounter, encode, safe_decode
+
+log = logging.getLogger(__name__)
+
+TOPIC_PARAMS = b"p"
+TOPIC_TARGETS = b"t"
+TOPIC_CONTROL = b"c"
+
+DEFAULT_HWM = 1000
+LINGER_MS = 2000
+
+
+@dataclass(frozen=True)
+class Addresses:
+    control: str
+    samples: str
+    control_bind: str
+    samples_bind: str
+
+    @classmethod
+    def from_config(cls, cfg: CoordinatorConfig) -> "Addresses":
+        sampler_host = cfg.sampler_host or cfg.host
+        return cls(
+            control=f"tcp://{cfg.host}:{cfg.port}",
+            samples=f"tcp://{sampler_host}:{cfg.port + 1}",
+            control_bind=f"tcp://{cfg.bind or cfg.host}:{cfg.port}",
+            samples_bind=f"tcp://{cfg.bind or sampler_host}:{cfg.port + 1}",
+        )
+
+
+def is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Channel:
+    """One ZeroMQ socket with encode/decode, sequence numbering and rejection counting."""
+
+    def __init__(self, socket: zmq.Socket, sender: str, logger: logging.Logger | None = None):
+        self.socket = socket
+        self.sender = sender
+        self.seq = 0
+        self.rejected = RejectCounter()
+        self.dropped_sends = 0
+        self.log = logger or log
+
+    def send(self, msg: Message, prefix: list[bytes] | None = None) -> bool:
+        """Queue ``msg`` without blocking; returns False (and counts) when the queue is full.
+
+        A PUB socket never reports a full queue (it drops for the slow subscriber instead), so
+        on the sample stream losses show up as gaps in the receivers' sample ids.
+        """
+        frames = list(prefix or []) + encode(msg, sender=self.sender, seq=self.seq)
+        self.seq += 1
+        try:
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            self.dropped_sends += 1
+            return False
+
+    def recv(self, timeout_ms: int = 0, prefix_frames: int = 0) -> tuple[list[bytes], Message | None] | None:
+        """Wait up to ``timeout_ms`` for one message. Returns None on timeout, else (prefix, message);
+        a malformed message comes back as (prefix, None) after it has been counted and logged."""
+        if timeout_ms and not self.socket.poll(timeout_ms):
+            return None
+        try:
+            frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        prefix = [f.bytes for f in frames[:prefix_frames]]
+        if len(frames) <= prefix_frames:
+            self.rejected.add("frames")
+            return prefix, None
+        return prefix, safe_decode(frames[prefix_frames:], self.rejected, self.log)
+
+
+def make_socket(ctx: zmq.Context, kind: int, hwm: int = DEFAULT_HWM) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, LINGER_MS)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    return sock
+
+
+def bind(sock: zmq.Socket, address: str, cfg: CoordinatorConfig, what: str) -> None:
+    from .errors import GpedError
+
+    if not is_loopback(address) and not cfg.keys:
+        if not cfg.allow_insecure:
+            raise GpedError(
+                f"refusing to bind {what} to non-loopback {address} without CURVE keys; "
+                "set coordinator.keys (gped keys) or coordinator.allow_insecure=true"
+            )
+        log.warning("binding %s to %s without authentication: anyone who can reach it can connect", what, address)
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        raise GpedError(f"cannot bind {what} to {address}: {exc} (is another run using this port?)") from None
