@@ -16,7 +16,11 @@ from .errors import GpedError
 
 
 def _fail_cleanly(func):
-    """Turn a GpedError into one clear line and exit 2; Ctrl-C into exit 130 without a traceback."""
+    """Turn a GpedError into one clear line and exit 2; Ctrl-C into exit 130 without a traceback.
+
+    A file-system error on a path the user chose (``--out`` is a file, a run directory that
+    cannot be created, no permission) is bad input too: one line naming the path, exit 2.
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -24,6 +28,10 @@ def _fail_cleanly(func):
             return func(*args, **kwargs)
         except GpedError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -308,6 +309,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
@@ -348,6 +351,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 if part == "students" and part not in node:
                     node[part] = [dataclasses.asdict(StudentConfig())]
                 node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is a value, not a table")
         last = parts[-1]
         value = _parse_override_value(text.strip())
         if isinstance(node, list):
@@ -373,7 +378,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             text = path.read_text()
             raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
             raise ConfigError(f"cannot parse config {path}: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config {path} must hold a table of settings")

@@ -16,6 +16,11 @@ from ..transport import Channel
 from ..wire import PROTOCOL_VERSION, Hello, Stop, Welcome
 
 
+#: refusal reasons that mean "try again later" and "say hello (again)", e.g. after a coordinator restart
+BUSY = "busy:"
+HELLO_FIRST = "hello first"
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM (or by a Stop message); loops check it and wind down cleanly."""
 
@@ -84,9 +89,14 @@ def handshake(control: Channel, hello: Hello, cfg: RunConfig, stop: StopFlag, lo
                 continue
             msg = got[1]
             if isinstance(msg, Welcome):
-                if not msg.accepted:
-                    raise GpedError(f"coordinator refused this {hello.role} {hello.name!r}: {msg.reason}")
-                return msg
+                if msg.accepted:
+                    return msg
+                if msg.reason.startswith(BUSY):
+                    log.warning("coordinator: %s; retrying until it is gone", msg.reason)
+                    break
+                if msg.reason == HELLO_FIRST:
+                    continue  # our hello is on its way; an answer to an older message
+                raise GpedError(f"coordinator refused this {hello.role} {hello.name!r}: {msg.reason}")
             if isinstance(msg, Stop):
                 raise GpedError(f"coordinator stopped the run before it started: {msg.reason}")
         waited = time.monotonic() - start
@@ -94,6 +104,29 @@ def handshake(control: Channel, hello: Hello, cfg: RunConfig, stop: StopFlag, lo
             raise GpedError(f"no answer from the coordinator at {cfg.coordinator.host}:{cfg.coordinator.port} after {waited:.0f} s")
         log.warning("waiting for the coordinator at %s:%d (%.0f s so far)", cfg.coordinator.host, cfg.coordinator.port, waited)
     raise GpedError(f"stopped ({stop.reason}) before the coordinator answered")
+
+
+def is_rehello(msg) -> bool:
+    """A coordinator that does not know us (it restarted) asks for a new handshake."""
+    return isinstance(msg, Welcome) and not msg.accepted and msg.reason == HELLO_FIRST
+
+
+def checkpoint_state(cfg: RunConfig, fingerprint: str, role_state: dict) -> dict:
+    return {"role": role_state, "config_hash": cfg.config_hash(), "data_fingerprint": fingerprint}
+
+
+def load_role_checkpoint(path: Path, cfg: RunConfig, fingerprint: str, device=None) -> dict | None:
+    """The role state of a checkpoint made by this run (same config and data), or None if none."""
+    from ..checkpoint import load_checkpoint
+
+    if not path.exists():
+        return None
+    state = load_checkpoint(path, device or "cpu")
+    if state.get("config_hash") != cfg.config_hash():
+        raise GpedError(f"checkpoint {path} belongs to another config (hash {state.get('config_hash')} != {cfg.config_hash()})")
+    if state.get("data_fingerprint") != fingerprint:
+        raise GpedError(f"checkpoint {path} was made with other data (fingerprint {state.get('data_fingerprint')} != {fingerprint})")
+    return state["role"]
 
 
 def checkpoint_path(cfg: RunConfig, role: str, name: str) -> Path:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import zmq
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..config import RunConfig, save_config
 from ..core.chain import evaluate_logits
 from ..core.distill import EnsembleAccumulator
@@ -40,7 +40,7 @@ from ..log import setup_logging
 from ..runtime import build_teacher_for, load_data, set_threads
 from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, Addresses, Channel, bind, make_socket
 from ..wire import PROTOCOL_VERSION, Heartbeat, Hello, Message, Params, Report, Start, Stop, Welcome
-from .common import Every, StopFlag, checkpoint_path, close_all
+from .common import BUSY, HELLO_FIRST, Every, StopFlag, checkpoint_path, checkpoint_state, close_all, load_role_checkpoint
 
 log = logging.getLogger("gped.coordinator")
 
@@ -56,6 +56,7 @@ class Peer:
     status: dict = field(default_factory=dict)
     ready: bool = False
     final: bool = False
+    lost: bool = False
 
 
 class CoordinatorRole:
@@ -80,6 +81,9 @@ class CoordinatorRole:
         self.sampler_done_time = 0.0
         self.last_sample = -1
         self.reports: dict[str, dict] = {}
+        self.unknown_messages = 0
+        self.ensemble_missed = 0
+        self.rejected: dict[str, dict[str, int]] = {}
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # --- control socket ----------------------------------------------------------------------
@@ -90,13 +94,21 @@ class CoordinatorRole:
             self.on_hello(identity, msg)
             return
         if peer is None:
-            log.warning("message %s from an unknown peer %s ignored (no handshake)", type(msg).__name__, msg.sender)
+            self.unknown_messages += 1
+            if self.unknown_messages <= 10 or self.unknown_messages % 1000 == 0:
+                log.warning("%s from %r before any handshake: asking it to say hello", type(msg).__name__, msg.sender)
+            self.reply(identity, Welcome(accepted=False, reason=HELLO_FIRST, run_dir=str(self.run_dir), stop_step=self.cfg.sampler.steps))
             return
+        if peer.lost:
+            log.info("%s %r is back", peer.role, peer.name)
+            peer.lost = False
         peer.last_seen = time.monotonic()
         if isinstance(msg, Heartbeat):
             peer.status = dict(msg.status)
             if peer.role == "student" and msg.status.get("sampler_seen"):
                 peer.ready = True
+            if peer.role == "sampler" and msg.status.get("state") == "running" and not self.started:
+                self.started = True  # a sampler already streaming (we restarted): nothing to wait for
         elif isinstance(msg, Report):
             self.on_report(peer, msg)
         elif isinstance(msg, Stop) and peer.role == "sampler":
@@ -116,7 +128,7 @@ class CoordinatorRole:
         for identity, peer in self.peers.items():
             alive = now - peer.last_seen < self.cfg.coordinator.peer_timeout_s
             if peer.role == msg.role and peer.name == msg.name and alive and peer.pid != msg.pid and not peer.final:
-                return f"a {msg.role} named {msg.name!r} (pid {peer.pid}) is already attached"
+                return f"{BUSY} a {msg.role} named {msg.name!r} (pid {peer.pid}) is already attached"
         if msg.role == "student" and msg.name not in {s.name for s in self.cfg.students}:
             return f"no student named {msg.name!r} in the run's config"
         if msg.role == "coordinator":
@@ -174,7 +186,8 @@ class CoordinatorRole:
                 log.warning("params message %d rejected: %s", msg.sample, exc)
                 return
             if msg.sample <= self.last_sample:
-                return
+                return  # a restarted sampler re-sends what we already have
+            self.ensemble_missed += msg.sample - self.last_sample - 1
             self.last_sample = msg.sample
             self.ensemble.add(evaluate_logits(self.teacher, self.test_x))
             if self.ood_ensemble is not None:
@@ -233,6 +246,7 @@ class CoordinatorRole:
         for name, record in sorted(self.reports.items()):
             rows[name] = record["scores"]
         return {"samples": self.ensemble.count, "last_sample": self.last_sample, "sampler": self.sampler_done or "not finished",
+                "ensemble_missed": self.ensemble_missed, "rejected_messages": self.rejected,
                 "scores": rows, "students": {n: r["student_metrics"] for n, r in self.reports.items()}}
 
     def write_summary(self) -> str:
@@ -242,6 +256,19 @@ class CoordinatorRole:
         (self.run_dir / "summary.md").write_text(table + "\n")
         return table
 
+    def check_liveness(self) -> float:
+        """Warn once per peer that went silent; return how long the sampler has been silent (0 if fine)."""
+        now = time.monotonic()
+        sampler_silent = 0.0
+        for peer in self.peers.values():
+            silent = now - peer.last_seen
+            if silent > self.cfg.coordinator.peer_timeout_s and not peer.final and not peer.lost:
+                peer.lost = True
+                log.warning("lost %s %r (pid %d): silent for %.0f s; waiting for it to come back", peer.role, peer.name, peer.pid, silent)
+            if peer.role == "sampler" and peer.lost and self.sampler_done is None:
+                sampler_silent = silent
+        return sampler_silent
+
     def status_line(self) -> str:
         parts = [f"ensemble={self.ensemble.count}"]
         for peer in self.peers.values():
@@ -250,7 +277,7 @@ class CoordinatorRole:
         return " ".join(parts)
 
     def state_dict(self) -> dict:
-        state = {"ensemble": self.ensemble.state_dict(), "last_sample": self.last_sample}
+        state = {"ensemble": self.ensemble.state_dict(), "last_sample": self.last_sample, "ensemble_missed": self.ensemble_missed}
         if self.ood_ensemble is not None:
             state["ood_ensemble"] = self.ood_ensemble.state_dict()
         return state
@@ -260,6 +287,7 @@ class CoordinatorRole:
         if self.ood_ensemble is not None and "ood_ensemble" in state:
             self.ood_ensemble.load_state_dict(state["ood_ensemble"])
         self.last_sample = int(state["last_sample"])
+        self.ensemble_missed = int(state["ensemble_missed"])
 
 
 def run(cfg: RunConfig, resume: bool = False) -> int:
@@ -284,13 +312,13 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
         sub.connect(addresses.samples)
         role = CoordinatorRole(cfg, data, lambda identity, msg: control.send(msg, [identity]))
         ckpt = checkpoint_path(cfg, "coordinator", "coordinator")
-        if resume and ckpt.exists():
-            role.load_state_dict(load_checkpoint(ckpt)["role"])
-            role.started = True
+        state = load_role_checkpoint(ckpt, cfg, data.fingerprint) if resume else None
+        if state is not None:
+            role.load_state_dict(state)
             log.info("resumed from %s with an ensemble of %d samples", ckpt, role.ensemble.count)
         log.info("run %r in %s; control on %s; %d students configured; data %s", cfg.name, run_dir, addresses.control_bind,
                  len(cfg.students), data.fingerprint)
-        _loop(role, control, samples, cfg, stop, ckpt)
+        _loop(role, control, samples, cfg, stop, lambda: save_checkpoint(ckpt, checkpoint_state(cfg, data.fingerprint, role.state_dict())))
         table = role.write_summary()
         log.info("summary (%s):\n%s", run_dir / "summary.md", table)
         return 0
@@ -301,13 +329,25 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
         close_all(ctx, router, sub)
 
 
-def _loop(role: CoordinatorRole, control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, ckpt) -> None:
+def _loop(role: CoordinatorRole, control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, checkpoint) -> None:
+    """Serve until the run is finished. A stop request (signal) is passed to the sampler first, so its
+    end-of-stream marker reaches every student and all checkpoints cover the same samples."""
+    coord = cfg.coordinator
     status = Every(5.0)
     poller = zmq.Poller()
     poller.register(control.socket, zmq.POLLIN)
     poller.register(samples.socket, zmq.POLLIN)
-    last_ckpt = 0
-    while not stop and not role.finished():
+    last_ckpt = role.ensemble.count
+    stop_since: float | None = None
+    while not role.finished():
+        if stop and stop_since is None:
+            stop_since = time.monotonic()
+            log.info("stopping (%s): asking the sampler to end its stream", stop.reason)
+            sampler = role.find("sampler")
+            if sampler is not None and role.started:
+                control.send(Stop(reason=stop.reason), [sampler[0]])
+        if stop_since is not None and (time.monotonic() - stop_since > 2 * coord.peer_timeout_s or not role.started):
+            break
         ready = dict(poller.poll(100))
         if control.socket in ready:
             got = control.recv(prefix_frames=1)
@@ -317,14 +357,20 @@ def _loop(role: CoordinatorRole, control: Channel, samples: Channel, cfg: RunCon
             got = samples.recv(prefix_frames=1)
             if got and got[1] is not None:
                 role.on_sample(got[1])
-                if role.ensemble.count - last_ckpt >= cfg.coordinator.checkpoint_every:
-                    save_checkpoint(ckpt, {"role": role.state_dict(), "config_hash": cfg.config_hash()})
+                if role.ensemble.count - last_ckpt >= coord.checkpoint_every:
+                    checkpoint()
                     last_ckpt = role.ensemble.count
         role.maybe_start()
+        sampler_silent = role.check_liveness()
+        if coord.give_up_s and sampler_silent > coord.give_up_s and stop_since is None:
+            log.error("the sampler has been gone for %.0f s; stopping the run (checkpoints kept)", sampler_silent)
+            stop.set("sampler gone")
         if status():
+            role.rejected = {"control": control.rejected.as_dict(), "samples": samples.rejected.as_dict()}
             log.info("%s", role.status_line())
+    role.rejected = {"control": control.rejected.as_dict(), "samples": samples.rejected.as_dict()}
     reason = stop.reason or f"sampler {role.sampler_done}"
-    save_checkpoint(ckpt, {"role": role.state_dict(), "config_hash": cfg.config_hash()})
+    checkpoint()
     for identity in list(role.peers):
         control.send(Stop(reason=reason), [identity])
     log.info("stopping: %s", reason)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import zmq
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..config import RunConfig
 from ..core.chain import DistillStream, TeacherChain, evaluate_logits
 from ..core.data import distill_inputs
@@ -28,7 +28,8 @@ from ..log import Progress, setup_logging
 from ..runtime import TARGETS_STREAM_OFFSET, build_teacher_for, load_data, pick_device, set_threads
 from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, TOPIC_TARGETS, Addresses, Channel, bind, make_socket
 from ..wire import Heartbeat, Message, Params, Start, Stop, Targets
-from .common import Every, StopFlag, checkpoint_path, close_all, handshake, make_hello
+from .common import (Every, StopFlag, checkpoint_path, checkpoint_state, close_all, handshake, is_rehello,
+                     load_role_checkpoint, make_hello)
 
 log = logging.getLogger("gped.sampler")
 
@@ -104,8 +105,9 @@ def run(cfg: RunConfig, resume: bool = False, device: str | None = None) -> int:
     try:
         role = SamplerRole(cfg, data, dev, lambda topic, msg: samples.send(msg, [topic]))
         ckpt = checkpoint_path(cfg, "sampler", "sampler")
-        if resume and ckpt.exists():
-            role.load_state_dict(load_checkpoint(ckpt, dev)["role"])
+        state = load_role_checkpoint(ckpt, cfg, data.fingerprint, dev) if resume else None
+        if state is not None:
+            role.load_state_dict(state)
             log.info("resumed from %s at step %d", ckpt, role.chain.step)
         welcome = handshake(control, make_hello(cfg, "sampler", "sampler", data.fingerprint, role.chain.step), cfg, stop, log)
         bind(pub_sock, addresses.samples_bind, cfg.coordinator, "the sample stream")
@@ -113,7 +115,7 @@ def run(cfg: RunConfig, resume: bool = False, device: str | None = None) -> int:
         if not _wait_for_start(control, samples, cfg, stop):
             return 0
         log.info("started: %s mode, %d steps, burn-in %d, thin %d, device %s", cfg.sampler.mode, cfg.sampler.steps, cfg.sampler.burn_in, cfg.sampler.thin, dev)
-        _loop(role, control, samples, cfg, stop, ckpt)
+        _loop(role, control, samples, cfg, stop, ckpt, data.fingerprint)
         return 0
     except GpedError as exc:
         log.error("%s", exc)
@@ -137,24 +139,27 @@ def _wait_for_start(control: Channel, samples: Channel, cfg: RunConfig, stop: St
     return False
 
 
-def _loop(role: SamplerRole, control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, ckpt) -> None:
+def _loop(role: SamplerRole, control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, ckpt, fingerprint: str) -> None:
     beat = Every(cfg.coordinator.heartbeat_s)
     poll = Every(0.05)
     progress = Progress(log, 5.0, unit="step")
     every_ckpt = cfg.coordinator.checkpoint_every
     while not stop and not role.done:
         if role.step() and role.samples_sent % every_ckpt == 0:
-            save_checkpoint(ckpt, {"role": role.state_dict(), "config_hash": cfg.config_hash()})
+            save_checkpoint(ckpt, checkpoint_state(cfg, fingerprint, role.state_dict()))
         if poll():
             got = control.recv()
             if got and isinstance(got[1], Stop):
                 stop.set(f"coordinator: {got[1].reason}")
+            elif got and is_rehello(got[1]):
+                log.info("the coordinator restarted; saying hello again")
+                control.send(make_hello(cfg, "sampler", "sampler", fingerprint, role.chain.step))
         if beat():
-            status = role.status()
+            status = {**role.status(), "state": "running"}
             control.send(Heartbeat(role="sampler", name="sampler", status=status))
             samples.send(Heartbeat(role="sampler", name="sampler", status=status), [TOPIC_CONTROL])
         progress.update(role.chain.step, samples=role.samples_sent, nll=role.last_nll, send_failures=role.send_failures)
-    save_checkpoint(ckpt, {"role": role.state_dict(), "config_hash": cfg.config_hash()})
+    save_checkpoint(ckpt, checkpoint_state(cfg, fingerprint, role.state_dict()))
     reason = "done" if role.done else f"stopped: {stop.reason}"
     end = Stop(step=role.chain.step, sample=role.samples_sent - 1, reason=reason)
     samples.send(end, [TOPIC_CONTROL])

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import zmq
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..config import RunConfig, StudentConfig
 from ..core.chain import DistillStream, evaluate_logits
 from ..core.data import distill_inputs
@@ -33,7 +33,8 @@ from ..log import Progress, setup_logging
 from ..runtime import build_teacher_for, load_data, pick_device, set_threads
 from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, TOPIC_TARGETS, Addresses, Channel, make_socket
 from ..wire import Heartbeat, Message, Params, Report, Stop, Targets
-from .common import Every, StopFlag, checkpoint_path, close_all, handshake, make_hello
+from .common import (Every, StopFlag, checkpoint_path, checkpoint_state, close_all, handshake, is_rehello,
+                     load_role_checkpoint, make_hello)
 
 log = logging.getLogger("gped.student")
 
@@ -142,13 +143,15 @@ def run(cfg: RunConfig, name: str, resume: bool = False, device: str | None = No
     try:
         role = StudentRole(cfg, student, data, dev, control.send)
         ckpt = checkpoint_path(cfg, "student", name)
-        if resume and ckpt.exists():
-            role.load_state_dict(load_checkpoint(ckpt, dev)["role"])
+        state = load_role_checkpoint(ckpt, cfg, data.fingerprint, dev) if resume else None
+        if state is not None:
+            role.load_state_dict(state)
             log.info("resumed from %s after sample %d", ckpt, role.last_sample)
-        handshake(control, make_hello(cfg, "student", name, data.fingerprint, max(role.last_sample, 0)), cfg, stop, log)
+        hello = make_hello(cfg, "student", name, data.fingerprint, max(role.last_sample, 0))
+        handshake(control, hello, cfg, stop, log)
         log.info("accepted; distilling %s with %s estimator on %s; waiting for samples from %s",
                  ",".join(student.expectations), student.estimator, dev, addresses.samples)
-        _loop(role, control, samples, cfg, stop, ckpt)
+        _loop(role, control, samples, cfg, stop, lambda: save_checkpoint(ckpt, checkpoint_state(cfg, data.fingerprint, role.state_dict())), hello)
         return 0
     except GpedError as exc:
         log.error("%s", exc)
@@ -175,7 +178,10 @@ def _drain(samples: Channel, first: Message) -> tuple[Message, int]:
             newest = msg
 
 
-def _loop(role: StudentRole, control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, ckpt) -> None:
+def _loop(role: StudentRole, control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, checkpoint, hello) -> None:
+    """Consume samples until the sampler's end of stream. On a stop request keep consuming what the
+    sampler still sends until its end-of-stream marker (at most ``peer_timeout_s``), so that every
+    role's checkpoint covers the same samples and a resumed run continues exactly."""
     coord = cfg.coordinator
     beat, warn = Every(coord.heartbeat_s), Every(coord.peer_timeout_s)
     progress = Progress(log, 5.0, unit="sample")
@@ -185,7 +191,13 @@ def _loop(role: StudentRole, control: Channel, samples: Channel, cfg: RunConfig,
     poller = zmq.Poller()
     poller.register(samples.socket, zmq.POLLIN)
     poller.register(control.socket, zmq.POLLIN)
-    while not stop:
+    stop_since: float | None = None
+    while True:
+        if stop and stop_since is None:
+            stop_since = time.monotonic()
+            log.info("stopping (%s): finishing what the sampler has sent", stop.reason)
+        if stop_since is not None and (time.monotonic() - stop_since > coord.peer_timeout_s or not sampler_seen):
+            break
         ready = dict(poller.poll(100))
         if samples.socket in ready:
             got = samples.recv(prefix_frames=1)
@@ -204,21 +216,24 @@ def _loop(role: StudentRole, control: Channel, samples: Channel, cfg: RunConfig,
                     if role.samples % coord.eval_every == 0:
                         role.report()
                     if role.samples % coord.checkpoint_every == 0:
-                        save_checkpoint(ckpt, {"role": role.state_dict(), "config_hash": cfg.config_hash()})
+                        checkpoint()
         if control.socket in ready:
             got = control.recv()
             if got and isinstance(got[1], Stop):
                 stop.set(f"coordinator: {got[1].reason}")
+            elif got and is_rehello(got[1]):
+                log.info("the coordinator restarted; saying hello again")
+                control.send(hello)
         if beat():
             control.send(Heartbeat(role="student", name=role.student.name, status={**role.status(), "sampler_seen": int(sampler_seen)}))
         silent = time.monotonic() - last_heard
         if silent > coord.peer_timeout_s and warn():
             log.warning("no samples or heartbeats from the sampler for %.0f s; waiting", silent)
-        if coord.give_up_s and silent > coord.give_up_s:
+        if coord.give_up_s and silent > coord.give_up_s and stop_since is None:
             log.error("sampler silent for %.0f s; giving up (checkpoint kept)", silent)
             break
         progress.update(role.samples, missed=role.missed, superseded=role.superseded, **role.losses)
-    save_checkpoint(ckpt, {"role": role.state_dict(), "config_hash": cfg.config_hash()})
+    checkpoint()
     role.report(final=pending_final)
     control.send(Heartbeat(role="student", name=role.student.name, status={**role.status(), "state": "done"}))
     progress.update(role.samples, force=True, missed=role.missed, superseded=role.superseded, **role.losses)
