@@ -101,7 +101,7 @@ def run_reference(cfg: RunConfig, device: str = "auto", progress_s: float = 5.0)
     )
     progress = Progress(log, progress_s, unit="step")
     start = time.monotonic()
-    with open(run_dir / "metrics.jsonl", "a") as metrics_log:
+    with open(run_dir / "metrics.jsonl", "w") as metrics_log:
         for _ in range(cfg.sampler.steps):
             if run.step() and run.samples % cfg.coordinator.eval_every == 0:
                 rows = run.scores()

@@ -13,11 +13,14 @@ so a restored chain continues exactly.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import SamplerConfig
+from ..errors import GpedError
 from .samplers import SAMPLERS
 
 
@@ -66,9 +69,15 @@ class TeacherChain:
         mean_nll = F.cross_entropy(logits, self.y[idx])
         self.model.zero_grad(set_to_none=False)
         (mean_nll * self.num_train).backward()  # (N/M)·Σ = N·mean
+        loss = float(mean_nll.detach())
+        if not math.isfinite(loss):
+            raise GpedError(
+                f"the chain diverged at step {self.step + 1} (minibatch NLL {loss}); lower sampler.step_size "
+                f"(now {self.cfg.step_size}) or raise sampler.prior_precision"
+            )
         self.sampler.step()
         self.step += 1
-        return float(mean_nll.detach())
+        return loss
 
     def is_sample(self) -> bool:
         """Whether the current θ is a posterior sample: past burn-in and on the thinning grid."""

@@ -19,6 +19,8 @@ from ..wire import PROTOCOL_VERSION, Hello, Stop, Welcome
 #: refusal reasons that mean "try again later" and "say hello (again)", e.g. after a coordinator restart
 BUSY = "busy:"
 HELLO_FIRST = "hello first"
+#: the coordinator's Stop reason for a student that (re)joins after the sampler's stream has ended
+STREAM_ENDED = "stream ended"
 
 
 class StopFlag:
@@ -93,6 +95,7 @@ def handshake(control: Channel, hello: Hello, cfg: RunConfig, stop: StopFlag, lo
                     return msg
                 if msg.reason.startswith(BUSY):
                     log.warning("coordinator: %s; retrying until it is gone", msg.reason)
+                    time.sleep(1.0)
                     break
                 if msg.reason == HELLO_FIRST:
                     continue  # our hello is on its way; an answer to an older message

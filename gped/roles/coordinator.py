@@ -40,7 +40,7 @@ from ..log import setup_logging
 from ..runtime import build_teacher_for, load_data, set_threads
 from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, Addresses, Channel, bind, make_socket
 from ..wire import PROTOCOL_VERSION, Heartbeat, Hello, Message, Params, Report, Start, Stop, Welcome
-from .common import BUSY, HELLO_FIRST, Every, StopFlag, checkpoint_path, checkpoint_state, close_all, load_role_checkpoint
+from .common import BUSY, HELLO_FIRST, STREAM_ENDED, Every, StopFlag, checkpoint_path, checkpoint_state, close_all, load_role_checkpoint
 
 log = logging.getLogger("gped.coordinator")
 
@@ -54,7 +54,7 @@ class Peer:
     pid: int
     last_seen: float
     status: dict = field(default_factory=dict)
-    ready: bool = False
+    since: float = 0.0
     final: bool = False
     lost: bool = False
 
@@ -75,7 +75,8 @@ class CoordinatorRole:
         self.ood_x = torch.from_numpy(data.ood_x) if data.ood_x is not None else None
         self.ood_ensemble = EnsembleAccumulator(len(self.ood_x), data.num_classes) if self.ood_x is not None else None
         self.peers: dict[bytes, Peer] = {}
-        self.started = False
+        #: pid of the sampler process that has been told to stream (0: none yet)
+        self.started_pid = 0
         self.first_peer_time: float | None = None
         self.sampler_done: str | None = None
         self.sampler_done_time = 0.0
@@ -105,10 +106,8 @@ class CoordinatorRole:
         peer.last_seen = time.monotonic()
         if isinstance(msg, Heartbeat):
             peer.status = dict(msg.status)
-            if peer.role == "student" and msg.status.get("sampler_seen"):
-                peer.ready = True
-            if peer.role == "sampler" and msg.status.get("state") == "running" and not self.started:
-                self.started = True  # a sampler already streaming (we restarted): nothing to wait for
+            if peer.role == "sampler" and msg.status.get("state") == "running":
+                self.started_pid = peer.pid  # already streaming (this coordinator restarted): nothing to wait for
         elif isinstance(msg, Report):
             self.on_report(peer, msg)
         elif isinstance(msg, Stop) and peer.role == "sampler":
@@ -145,30 +144,43 @@ class CoordinatorRole:
         for old in [i for i, p in self.peers.items() if p.role == msg.role and p.name == msg.name and i != identity]:
             del self.peers[old]
         known = identity in self.peers
-        self.peers[identity] = Peer(msg.role, msg.name, msg.pid, time.monotonic())
+        self.peers[identity] = Peer(msg.role, msg.name, msg.pid, time.monotonic(), since=time.monotonic())
         self.first_peer_time = self.first_peer_time or time.monotonic()
         if not known:
             log.info("accepted %s %r (pid %d, resume step %d)", msg.role, msg.name, msg.pid, msg.resume_step)
         self.reply(identity, Welcome(accepted=True, reason="", run_dir=str(self.run_dir), stop_step=self.cfg.sampler.steps))
-        if msg.role == "sampler" and self.started:
-            self.reply(identity, Start())  # a restarted sampler resumes streaming at once
+        if msg.role == "student" and self.sampler_done is not None:
+            self.reply(identity, Stop(reason=STREAM_ENDED))  # it came back after the end: report and finish
+
+    @property
+    def started(self) -> bool:
+        return self.started_pid != 0
 
     def maybe_start(self) -> None:
+        """Tell the (new) sampler to stream once every student it must not lose hears its heartbeats.
+
+        Students report the pid of the sampler whose heartbeats reach them; the first start waits
+        for every configured student, a restarted sampler for the students still attached; either
+        way at most ``wait_for_students_s``. So no student misses samples to the slow-joiner effect.
+        """
+        found = self.find("sampler")
+        if found is None or found[1].pid == self.started_pid:
+            return
+        identity, sampler = found
+        students = [p for p in self.peers.values() if p.role == "student"]
         if self.started:
-            return
-        sampler = self.find("sampler")
-        if sampler is None:
-            return
-        ready = {p.name for p in self.peers.values() if p.role == "student" and p.ready}
-        expected = {s.name for s in self.cfg.students}
-        waited = time.monotonic() - (self.first_peer_time or time.monotonic())
+            expected = {p.name for p in students if not p.lost and not p.final}
+        else:
+            expected = {s.name for s in self.cfg.students}
+        ready = {p.name for p in students if p.status.get("sampler_pid") == sampler.pid}
+        waited = time.monotonic() - sampler.since
         if ready >= expected or waited > self.cfg.coordinator.wait_for_students_s:
             missing = sorted(expected - ready)
             if missing:
                 log.warning("starting without students %s (waited %.0f s); they can join late", missing, waited)
-            self.reply(sampler[0], Start())
-            self.started = True
-            log.info("all set: the sampler starts streaming")
+            self.reply(identity, Start())
+            log.info("%s sampler (pid %d) starts streaming", "the restarted" if self.started else "all set: the", sampler.pid)
+            self.started_pid = sampler.pid
 
     def find(self, role: str) -> tuple[bytes, Peer] | None:
         for identity, peer in self.peers.items():

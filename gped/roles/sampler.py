@@ -10,6 +10,7 @@ slow subscriber, who sees the gap in sequence numbers.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Callable
@@ -129,7 +130,7 @@ def _wait_for_start(control: Channel, samples: Channel, cfg: RunConfig, stop: St
     beat = Every(min(cfg.coordinator.heartbeat_s, 0.2))
     while not stop:
         if beat():
-            samples.send(Heartbeat(role="sampler", name="sampler", status={"state": "waiting"}), [TOPIC_CONTROL])
+            samples.send(Heartbeat(role="sampler", name="sampler", status={"state": "waiting", "pid": os.getpid()}), [TOPIC_CONTROL])
         got = control.recv(timeout_ms=50)
         if got and isinstance(got[1], Start):
             return True
@@ -155,7 +156,7 @@ def _loop(role: SamplerRole, control: Channel, samples: Channel, cfg: RunConfig,
                 log.info("the coordinator restarted; saying hello again")
                 control.send(make_hello(cfg, "sampler", "sampler", fingerprint, role.chain.step))
         if beat():
-            status = {**role.status(), "state": "running"}
+            status = {**role.status(), "state": "running", "pid": os.getpid()}
             control.send(Heartbeat(role="sampler", name="sampler", status=status))
             samples.send(Heartbeat(role="sampler", name="sampler", status=status), [TOPIC_CONTROL])
         progress.update(role.chain.step, samples=role.samples_sent, nll=role.last_nll, send_failures=role.send_failures)

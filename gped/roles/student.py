@@ -33,7 +33,7 @@ from ..log import Progress, setup_logging
 from ..runtime import build_teacher_for, load_data, pick_device, set_threads
 from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, TOPIC_TARGETS, Addresses, Channel, make_socket
 from ..wire import Heartbeat, Message, Params, Report, Stop, Targets
-from .common import (Every, StopFlag, checkpoint_path, checkpoint_state, close_all, handshake, is_rehello,
+from .common import (STREAM_ENDED, Every, StopFlag, checkpoint_path, checkpoint_state, close_all, handshake, is_rehello,
                      load_role_checkpoint, make_hello)
 
 log = logging.getLogger("gped.student")
@@ -187,6 +187,7 @@ def _loop(role: StudentRole, control: Channel, samples: Channel, cfg: RunConfig,
     progress = Progress(log, 5.0, unit="sample")
     last_heard = time.monotonic()
     sampler_seen = False
+    sampler_pid = 0
     pending_final = False
     poller = zmq.Poller()
     poller.register(samples.socket, zmq.POLLIN)
@@ -204,6 +205,8 @@ def _loop(role: StudentRole, control: Channel, samples: Channel, cfg: RunConfig,
             msg = got[1] if got else None
             if msg is not None:
                 last_heard, sampler_seen = time.monotonic(), True
+                if isinstance(msg, Heartbeat):
+                    sampler_pid = int(msg.status.get("pid", 0))
                 if isinstance(msg, Params) and role.student.skip_stale:
                     msg, skipped = _drain(samples, msg)
                     role.superseded += skipped
@@ -220,12 +223,16 @@ def _loop(role: StudentRole, control: Channel, samples: Channel, cfg: RunConfig,
         if control.socket in ready:
             got = control.recv()
             if got and isinstance(got[1], Stop):
+                if got[1].reason == STREAM_ENDED:
+                    log.info("the sampler's stream ended while this student was away; final report")
+                    pending_final = True
+                    break
                 stop.set(f"coordinator: {got[1].reason}")
             elif got and is_rehello(got[1]):
                 log.info("the coordinator restarted; saying hello again")
                 control.send(hello)
         if beat():
-            control.send(Heartbeat(role="student", name=role.student.name, status={**role.status(), "sampler_seen": int(sampler_seen)}))
+            control.send(Heartbeat(role="student", name=role.student.name, status={**role.status(), "sampler_pid": sampler_pid}))
         silent = time.monotonic() - last_heard
         if silent > coord.peer_timeout_s and warn():
             log.warning("no samples or heartbeats from the sampler for %.0f s; waiting", silent)
@@ -234,10 +241,23 @@ def _loop(role: StudentRole, control: Channel, samples: Channel, cfg: RunConfig,
             break
         progress.update(role.samples, missed=role.missed, superseded=role.superseded, **role.losses)
     checkpoint()
-    role.report(final=pending_final)
+    final = role.report(final=pending_final)
     control.send(Heartbeat(role="student", name=role.student.name, status={**role.status(), "state": "done"}))
     progress.update(role.samples, force=True, missed=role.missed, superseded=role.superseded, **role.losses)
-    time.sleep(0.2)
+    _await_stop(control, final, hello, coord.peer_timeout_s)
+
+
+def _await_stop(control: Channel, final: Report, hello, timeout_s: float) -> None:
+    """Wait (bounded) for the coordinator's Stop, which it sends once it has every final report;
+    a coordinator that restarted meanwhile asks for a handshake, then gets the report again."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = control.recv(timeout_ms=100)
+        if got and isinstance(got[1], Stop):
+            return
+        if got and is_rehello(got[1]):
+            control.send(hello)
+            control.send(final)
 
 
 def main(cfg: RunConfig, name: str, resume: bool = False, device: str | None = None) -> None:
