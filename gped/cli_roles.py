@@ -48,6 +48,17 @@ def register(main: click.Group) -> None:
         role.main(_load(config, overrides, run_dir), name, resume, device)
 
     @main.command()
+    @click.argument("folder", type=click.Path(file_okay=False))
+    @_fail_cleanly
+    def keys(folder):
+        """Make CURVE key pairs for authenticated runs across hosts (set coordinator.keys=FOLDER)."""
+        from .transport import make_keys
+
+        for path in make_keys(folder):
+            click.echo(path)
+        click.echo(f"copy {folder} to every host of the run (keep the *_secret files private)")
+
+    @main.command()
     @config_argument
     @overrides_option
     @run_dir_option

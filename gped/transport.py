@@ -127,3 +127,87 @@ def bind(sock: zmq.Socket, address: str, cfg: CoordinatorConfig, what: str) -> N
         sock.bind(address)
     except zmq.ZMQError as exc:
         raise GpedError(f"cannot bind {what} to {address}: {exc} (is another run using this port?)") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# CURVE authentication (across hosts)
+
+KEY_FILES = ("server.key", "server.key_secret", "client.key", "client.key_secret")
+
+
+def make_keys(folder: str) -> list[str]:
+    """Write a server and a client CURVE key pair into ``folder`` (``gped keys``).
+
+    Bound sockets (coordinator, sampler) use the server pair; every connecting socket uses the
+    client pair and pins the server's public key. ``authorized/`` holds the client public keys the
+    servers accept: copy the folder to every host of the run (the secret files stay private).
+    """
+    import zmq.auth
+
+    from .errors import GpedError
+
+    path = __import__("pathlib").Path(folder)
+    if any((path / name).exists() for name in KEY_FILES):
+        raise GpedError(f"{path} already holds CURVE keys; refusing to overwrite them")
+    (path / "authorized").mkdir(parents=True, exist_ok=True)
+    zmq.auth.create_certificates(str(path), "server")
+    zmq.auth.create_certificates(str(path), "client")
+    (path / "authorized" / "client.key").write_bytes((path / "client.key").read_bytes())
+    for secret in ("server.key_secret", "client.key_secret"):
+        (path / secret).chmod(0o600)
+    return [str(path / name) for name in KEY_FILES]
+
+
+class Security:
+    """CURVE for one process: servers authenticate clients against ``keys/authorized``.
+
+    With ``keys`` None everything is plain TCP (fine on loopback; :func:`bind` refuses a
+    non-loopback address unless ``allow_insecure``).
+    """
+
+    def __init__(self, ctx: zmq.Context, keys: str | None):
+        self.keys = keys or None  # "" (e.g. --set coordinator.keys="") means no keys
+        self.auth = None
+        if self.keys is None:
+            return
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        from .errors import GpedError
+
+        folder = __import__("pathlib").Path(keys)
+        missing = [name for name in KEY_FILES if not (folder / name).is_file()]
+        if missing:
+            raise GpedError(f"CURVE key folder {folder} lacks {', '.join(missing)}; make one with `gped keys {folder}`")
+        try:
+            self.server_public, self.server_secret = zmq.auth.load_certificate(str(folder / "server.key_secret"))
+            self.client_public, self.client_secret = zmq.auth.load_certificate(str(folder / "client.key_secret"))
+        except (OSError, ValueError) as exc:
+            raise GpedError(f"cannot read CURVE keys in {folder}: {exc}") from None
+        self.authorized = str(folder / "authorized")
+        self.ctx = ctx
+
+    def server(self, sock: zmq.Socket) -> None:
+        if self.keys is None:
+            return
+        if self.auth is None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("gped.auth"))
+            self.auth.start()
+            self.auth.configure_curve(domain="*", location=self.authorized)
+        sock.curve_secretkey = self.server_secret
+        sock.curve_publickey = self.server_public
+        sock.curve_server = True
+
+    def client(self, sock: zmq.Socket) -> None:
+        if self.keys is None:
+            return
+        sock.curve_secretkey = self.client_secret
+        sock.curve_publickey = self.client_public
+        sock.curve_serverkey = self.server_public
+
+    def close(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None

@@ -136,7 +136,9 @@ def checkpoint_path(cfg: RunConfig, role: str, name: str) -> Path:
     return Path(cfg.run_dir) / "checkpoints" / f"{role}-{name}.pt"
 
 
-def close_all(ctx: zmq.Context, *sockets: zmq.Socket) -> None:
+def close_all(ctx: zmq.Context, *sockets: zmq.Socket, security=None) -> None:
     for sock in sockets:
         sock.close()
+    if security is not None:
+        security.close()
     ctx.term()

@@ -38,7 +38,7 @@ from ..core.models import load_flat_parameters
 from ..errors import GpedError
 from ..log import setup_logging
 from ..runtime import build_teacher_for, load_data, set_threads
-from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, Addresses, Channel, bind, make_socket
+from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, Addresses, Channel, Security, bind, make_socket
 from ..wire import PROTOCOL_VERSION, Heartbeat, Hello, Message, Params, Report, Start, Stop, Welcome
 from .common import BUSY, HELLO_FIRST, STREAM_ENDED, Every, StopFlag, checkpoint_path, checkpoint_state, close_all, load_role_checkpoint
 
@@ -312,9 +312,12 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
     data = load_data(cfg)
     addresses = Addresses.from_config(cfg.coordinator)
     ctx = zmq.Context()
+    security = Security(ctx, cfg.coordinator.keys)
     router = make_socket(ctx, zmq.ROUTER)
     router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    security.server(router)
     sub = make_socket(ctx, zmq.SUB)
+    security.client(sub)
     for topic in (TOPIC_PARAMS, TOPIC_CONTROL):
         sub.setsockopt(zmq.SUBSCRIBE, topic)
     control = Channel(router, "coordinator", log)
@@ -338,7 +341,7 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
         log.error("%s", exc)
         return 2
     finally:
-        close_all(ctx, router, sub)
+        close_all(ctx, router, sub, security=security)
 
 
 def _loop(role: CoordinatorRole, control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, checkpoint) -> None:

@@ -27,7 +27,7 @@ from ..core.models import flat_parameters
 from ..errors import GpedError
 from ..log import Progress, setup_logging
 from ..runtime import TARGETS_STREAM_OFFSET, build_teacher_for, load_data, pick_device, set_threads
-from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, TOPIC_TARGETS, Addresses, Channel, bind, make_socket
+from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, TOPIC_TARGETS, Addresses, Channel, Security, bind, make_socket
 from ..wire import Heartbeat, Message, Params, Start, Stop, Targets
 from .common import (Every, StopFlag, checkpoint_path, checkpoint_state, close_all, handshake, is_rehello,
                      load_role_checkpoint, make_hello)
@@ -98,9 +98,12 @@ def run(cfg: RunConfig, resume: bool = False, device: str | None = None) -> int:
     dev = pick_device(device or cfg.sampler.device)
     addresses = Addresses.from_config(cfg.coordinator)
     ctx = zmq.Context()
+    security = Security(ctx, cfg.coordinator.keys)
     control_sock = make_socket(ctx, zmq.DEALER)
+    security.client(control_sock)
     control_sock.connect(addresses.control)
     pub_sock = make_socket(ctx, zmq.PUB)
+    security.server(pub_sock)
     control = Channel(control_sock, "sampler", log)
     samples = Channel(pub_sock, "sampler", log)
     try:
@@ -122,7 +125,7 @@ def run(cfg: RunConfig, resume: bool = False, device: str | None = None) -> int:
         log.error("%s", exc)
         return 2
     finally:
-        close_all(ctx, control_sock, pub_sock)
+        close_all(ctx, control_sock, pub_sock, security=security)
 
 
 def _wait_for_start(control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag) -> bool:

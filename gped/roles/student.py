@@ -31,7 +31,7 @@ from ..core.models import load_flat_parameters
 from ..errors import GpedError
 from ..log import Progress, setup_logging
 from ..runtime import build_teacher_for, load_data, pick_device, set_threads
-from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, TOPIC_TARGETS, Addresses, Channel, make_socket
+from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, TOPIC_TARGETS, Addresses, Channel, Security, make_socket
 from ..wire import Heartbeat, Message, Params, Report, Stop, Targets
 from .common import (STREAM_ENDED, Every, StopFlag, checkpoint_path, checkpoint_state, close_all, handshake, is_rehello,
                      load_role_checkpoint, make_hello)
@@ -131,9 +131,12 @@ def run(cfg: RunConfig, name: str, resume: bool = False, device: str | None = No
     dev = pick_device(device or student.device)
     addresses = Addresses.from_config(cfg.coordinator)
     ctx = zmq.Context()
+    security = Security(ctx, cfg.coordinator.keys)
     control_sock = make_socket(ctx, zmq.DEALER)
+    security.client(control_sock)
     control_sock.connect(addresses.control)
     sub_sock = make_socket(ctx, zmq.SUB, hwm=DEFAULT_SUB_HWM)
+    security.client(sub_sock)
     topic = TOPIC_TARGETS if cfg.sampler.mode == "targets" else TOPIC_PARAMS
     for t in (topic, TOPIC_CONTROL):
         sub_sock.setsockopt(zmq.SUBSCRIBE, t)
@@ -157,7 +160,7 @@ def run(cfg: RunConfig, name: str, resume: bool = False, device: str | None = No
         log.error("%s", exc)
         return 2
     finally:
-        close_all(ctx, control_sock, sub_sock)
+        close_all(ctx, control_sock, sub_sock, security=security)
 
 
 DEFAULT_SUB_HWM = 1000
