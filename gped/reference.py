@@ -28,7 +28,9 @@ from .core.chain import DistillStream, TeacherChain, evaluate_logits
 from .core.data import distill_inputs
 from .core.distill import Distiller, EnsembleAccumulator
 from .core.evaluate import ensemble_scores, student_scores, summary_table
+from .checkpoint import save_checkpoint
 from .log import Progress
+from .roles.common import checkpoint_path, checkpoint_state
 from .runtime import TARGETS_STREAM_OFFSET, build_teacher_for, load_data, pick_device
 
 log = logging.getLogger("gped.reference")
@@ -53,6 +55,8 @@ class ReferenceRun:
         self.targets_stream = DistillStream(n_distill, cfg.sampler.distill_batch, cfg.sampler.seed + TARGETS_STREAM_OFFSET)
         self.student_streams = {s.name: DistillStream(n_distill, s.batch_size, s.seed) for s in cfg.students}
         self.ensemble = EnsembleAccumulator(len(self.test_x), d.num_classes)
+        self.ood_x = torch.from_numpy(d.ood_x) if d.ood_x is not None else None
+        self.ood_ensemble = EnsembleAccumulator(len(self.ood_x), d.num_classes) if self.ood_x is not None else None
         self.samples = 0
         self.last_losses: dict[str, dict[str, float]] = {}
 
@@ -68,6 +72,8 @@ class ReferenceRun:
             return False
         teacher = self.chain.model
         self.ensemble.add(evaluate_logits(teacher, self.test_x))
+        if self.ood_ensemble is not None:
+            self.ood_ensemble.add(evaluate_logits(teacher, self.ood_x))
         if self.cfg.sampler.mode == "targets":
             indices, _, inputs = self.batch(self.targets_stream)
             logits = evaluate_logits(teacher, inputs)
@@ -89,6 +95,33 @@ class ReferenceRun:
         return rows
 
 
+def write_records(metrics_log, run: ReferenceRun, final: bool) -> dict[str, dict[str, float]]:
+    """One metrics.jsonl line per model, in the coordinator's schema (so reports read either run)."""
+    rows = run.scores()
+    now = time.time()
+    for name, scores in rows.items():
+        record = {"time": now, "student": name, "sample": run.samples - 1, "step": run.chain.step,
+                  "ensemble_samples": run.ensemble.count, "final": final, "scores": scores,
+                  "student_metrics": {f"loss.{k}": v for k, v in run.last_losses.get(name, {}).items()}}
+        metrics_log.write(json.dumps(record) + "\n")
+    metrics_log.flush()
+    return rows
+
+
+def save_run_checkpoints(run: ReferenceRun, run_dir: Path) -> None:
+    """The final state in the roles' checkpoint layout, so ``gped.load_student`` and reports work."""
+    fingerprint = run.data.fingerprint
+    save_checkpoint(checkpoint_path(run.cfg, "sampler", "sampler"),
+                    checkpoint_state(run.cfg, fingerprint, {"chain": run.chain.state_dict(), "samples_sent": run.samples}))
+    for name, distiller in run.distillers.items():
+        save_checkpoint(checkpoint_path(run.cfg, "student", name),
+                        checkpoint_state(run.cfg, fingerprint, {"distiller": distiller.state_dict(), "samples": run.samples}))
+    state = {"ensemble": run.ensemble.state_dict(), "last_sample": run.samples - 1, "ensemble_missed": 0}
+    if run.ood_ensemble is not None:
+        state["ood_ensemble"] = run.ood_ensemble.state_dict()
+    save_checkpoint(checkpoint_path(run.cfg, "coordinator", "coordinator"), checkpoint_state(run.cfg, fingerprint, state))
+
+
 def run_reference(cfg: RunConfig, device: str = "auto", progress_s: float = 5.0) -> dict[str, dict[str, float]]:
     """Run Algorithm 1 to ``cfg.sampler.steps``; write config, metrics.jsonl and summary to the run dir."""
     run_dir = Path(cfg.run_dir)
@@ -104,16 +137,14 @@ def run_reference(cfg: RunConfig, device: str = "auto", progress_s: float = 5.0)
     with open(run_dir / "metrics.jsonl", "w") as metrics_log:
         for _ in range(cfg.sampler.steps):
             if run.step() and run.samples % cfg.coordinator.eval_every == 0:
-                rows = run.scores()
-                record = {"step": run.chain.step, "samples": run.samples, "time_s": time.monotonic() - start, "scores": rows,
-                          "losses": run.last_losses}
-                metrics_log.write(json.dumps(record) + "\n")
-                metrics_log.flush()
+                write_records(metrics_log, run, final=False)
             losses = {f"{n}.{k}": v for n, l in run.last_losses.items() for k, v in l.items()}
             progress.update(run.chain.step, samples=run.samples, **losses)
-    rows = run.scores()
+        rows = write_records(metrics_log, run, final=True)
     elapsed = time.monotonic() - start
-    summary = {"steps": run.chain.step, "samples": run.samples, "wall_s": elapsed, "scores": rows}
+    save_run_checkpoints(run, run_dir)
+    summary = {"steps": run.chain.step, "samples": run.samples, "wall_s": elapsed, "scores": rows,
+               "students": {name: {"samples": run.samples, "missed": 0, "updates": d.updates} for name, d in run.distillers.items()}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "summary.md").write_text(summary_table(rows) + "\n")
     log.info("done: %d steps, %d samples in %.1f s", run.chain.step, run.samples, elapsed)

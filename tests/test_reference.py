@@ -89,11 +89,15 @@ def test_reference_run_on_digits_distils_the_ensemble(tmp_path):
     table = (run_dir / "summary.md").read_text()
     assert table.startswith("| model |") and "| teacher ensemble |" in table and "| trained |" in table
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["samples"] for r in records] == [200, 400, 600]
-    assert all(set(r["scores"]) == {"teacher ensemble", "trained", "frozen"} for r in records)
-    assert set(records[-1]["losses"]["trained"]) >= {"predictive", "expected_entropy"}
+    by_model = {name: [r for r in records if r["student"] == name] for name in ("teacher ensemble", "trained", "frozen")}
+    for name, rows in by_model.items():
+        assert [r["sample"] for r in rows] == [199, 399, 599, 624], name  # every eval_every, then the final one
+        assert [r["final"] for r in rows] == [False, False, False, True]
+    trained = by_model["trained"]
+    assert set(trained[-1]["student_metrics"]) >= {"loss.predictive", "loss.expected_entropy"}
     # the trained student improves as samples arrive
-    assert records[-1]["scores"]["trained"]["kl_to_ensemble"] < records[0]["scores"]["trained"]["kl_to_ensemble"]
+    assert trained[-1]["scores"]["kl_to_ensemble"] < trained[0]["scores"]["kl_to_ensemble"]
+    assert (run_dir / "checkpoints" / "student-trained.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------------
