@@ -41,6 +41,17 @@ def data_meta(cfg: RunConfig, run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def dirichlet_uncertainties(alpha: torch.Tensor) -> dict[str, np.ndarray]:
+    """EnD²'s uncertainties from concentrations α (α₀ = Σα): total H[α/α₀], expected data
+    uncertainty E_{π~Dir(α)} H[π] = ψ(α₀+1) − Σ_c (α_c/α₀) ψ(α_c+1), knowledge = their difference."""
+    a0 = alpha.sum(-1, keepdim=True)
+    mean = alpha / a0
+    total = entropy_of(mean)
+    expected = torch.digamma(a0.squeeze(-1) + 1) - (mean * torch.digamma(alpha + 1)).sum(-1)
+    return {"dirichlet_total": total.numpy(), "dirichlet_expected_entropy": expected.numpy(),
+            "dirichlet_knowledge": (total - expected).clamp_min(0).numpy()}
+
+
 @dataclass
 class TrainedStudent:
     name: str
@@ -61,12 +72,17 @@ class TrainedStudent:
         self.model.eval()
         heads = list(self.model.heads)
         parts: dict[str, list[torch.Tensor]] = {h: [] for h in heads}
+        alphas = []
         for i in range(0, len(x), batch_size):
             raw = self.model(x[i : i + batch_size].to(self.device))
             for h in heads:
                 parts[h].append(get_expectation(h).predict(raw[h]).cpu())
+            if "dirichlet" in raw:
+                alphas.append(torch.exp(raw["dirichlet"].clamp(max=30)).double().cpu())
         out = {h: torch.cat(v) for h, v in parts.items()}
         result = {h: v.numpy() for h, v in out.items()}
+        if alphas:
+            result.update(dirichlet_uncertainties(torch.cat(alphas)))
         if "expected_entropy" in result:
             result["expected_entropy"] = result["expected_entropy"].reshape(-1)
         if "predictive" in out:

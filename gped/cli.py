@@ -109,6 +109,22 @@ def reference(config, overrides, run_dir, device) -> None:
     click.echo(summary_table(rows))
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--sgd-epochs", default=30, show_default=True, help="Epochs for the plain SGD baseline network.")
+@click.option("--draws", default=500, show_default=True, help="Random test subsets for the nDCG ranking score.")
+@_fail_cleanly
+def evaluate(run_dir, sgd_epochs, draws) -> None:
+    """OOD detection (AUROC) and uncertainty ranking (nDCG@20) for the ensemble, students and an SGD net."""
+    from .evaluation import check_run_dir, evaluate_run, evaluation_table
+    from .log import setup_logging
+
+    setup_logging("evaluate")
+    check_run_dir(run_dir)
+    result = evaluate_run(run_dir, sgd_epochs=sgd_epochs, draws=draws)
+    click.echo(evaluation_table(result["models"]))
+
+
 def _register_role_commands() -> None:
     """Role commands live in :mod:`gped.cli_roles` so this module stays a table of contents."""
     try:

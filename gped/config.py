@@ -46,7 +46,10 @@ class DataConfig:
     seed: int = 0
     #: standard deviation of the Gaussian noise added to distillation inputs D'
     distill_noise: float = 1e-3
-    #: optional out-of-distribution source (same names as ``source``) and its root
+    #: keep only these classes (relabelled 0..k-1); the others can serve as OOD (``ood_source = "heldout"``)
+    classes: list[int] | None = None
+    #: optional out-of-distribution source (same names as ``source``, or ``heldout``: the test
+    #: images of the classes left out by ``classes``) and its root
     ood_source: str | None = None
     ood_root: str | None = None
     #: where the prepared, persisted data set lives; None means <run_dir>/data
@@ -55,8 +58,13 @@ class DataConfig:
     def validate(self) -> None:
         if self.source not in DATA_SOURCES:
             raise ConfigError(f"unknown data source {self.source!r}; choose one of {', '.join(DATA_SOURCES)}")
-        if self.ood_source is not None and self.ood_source not in DATA_SOURCES:
-            raise ConfigError(f"unknown OOD data source {self.ood_source!r}; choose one of {', '.join(DATA_SOURCES)}")
+        if self.ood_source is not None and self.ood_source not in DATA_SOURCES + ("heldout",):
+            raise ConfigError(f"unknown OOD data source {self.ood_source!r}; choose one of {', '.join(DATA_SOURCES + ('heldout',))}")
+        if self.classes is not None:
+            if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes) or min(self.classes) < 0:
+                raise ConfigError(f"data.classes must list at least 2 distinct non-negative class ids, got {self.classes}")
+        if self.ood_source == "heldout" and self.classes is None:
+            raise ConfigError('data.ood_source = "heldout" needs data.classes (the classes to keep in distribution)')
         if self.mask < 0:
             raise ConfigError(f"data.mask must be >= 0, got {self.mask}")
         if self.labelled is not None and self.labelled <= 0:
@@ -146,6 +154,11 @@ class StudentConfig:
     skip_stale: bool = True
     seed: int = 0
     device: str = "auto"
+    #: group-lasso strength λ (DESIGN §2, architecture search): the loss becomes mean ℓ + λ·R(φ) with
+    #: R(φ) = Σ over hidden units / conv channels of the body of ‖incoming weights‖₂ (heads excluded);
+    #: 0 disables it.  λ is relative to the *mean* loss over a batch; the paper's λ, set against the
+    #: sum (N′/M′)·Σℓ over D′, corresponds to λ_paper / N′.
+    group_lasso: float = 0.0
 
     def validate(self) -> None:
         from .core.estimators import ESTIMATORS
@@ -167,6 +180,8 @@ class StudentConfig:
             raise ConfigError(f"student {self.name!r}: batch_size and steps_per_sample must be positive")
         if self.lr_halve_epochs < 0:
             raise ConfigError(f"student {self.name!r}: lr_halve_epochs must be >= 0")
+        if not (math.isfinite(self.group_lasso) and self.group_lasso >= 0):
+            raise ConfigError(f"student {self.name!r}: group_lasso must be a finite number >= 0, got {self.group_lasso}")
 
 
 @dataclass

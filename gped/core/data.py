@@ -524,6 +524,7 @@ def preparation_settings(cfg: DataConfig) -> dict[str, Any]:
         "labelled": cfg.labelled,
         "mask": cfg.mask,
         "seed": cfg.seed,
+        "classes": cfg.classes,
         "ood_source": cfg.ood_source,
         "ood_root": _normalise_root(cfg.ood_source, cfg.ood_root),
     }
@@ -654,6 +655,7 @@ def _prepare_locked(cfg: DataConfig, out: Path) -> PreparedData:
 def _build_arrays(cfg: DataConfig) -> tuple[dict[str, np.ndarray | None], dict[str, Any]]:
     """Load, subset and occlude; returns the arrays to persist and occlusion statistics."""
     raw = load_source(cfg.source, cfg.root, cfg.download)
+    raw, heldout_x = select_classes(raw, cfg.classes)
     _, h, w = raw.input_shape
     if cfg.mask > min(h, w):
         raise DataError(f"impossible mask size {cfg.mask}: {raw.name} images are only {h}×{w}")
@@ -669,7 +671,10 @@ def _build_arrays(cfg: DataConfig) -> tuple[dict[str, np.ndarray | None], dict[s
     train_masks = occlusion_masks(n_avail, cfg.mask, h, w, cfg.seed, "train")
     train_x = apply_occlusion(raw.train_x, train_masks)
     test_x = apply_occlusion(raw.test_x, occlusion_masks(len(raw.test_x), cfg.mask, h, w, cfg.seed, "test"))
-    ood_x = _ood_inputs(cfg, raw.input_shape) if cfg.ood_source is not None else None
+    if cfg.ood_source == "heldout":
+        ood_x = apply_occlusion(heldout_x, occlusion_masks(len(heldout_x), cfg.mask, h, w, cfg.seed, "ood"))
+    else:
+        ood_x = _ood_inputs(cfg, raw.input_shape) if cfg.ood_source is not None else None
 
     ink = raw.train_x != 0
     stats = {
@@ -688,6 +693,25 @@ def _build_arrays(cfg: DataConfig) -> tuple[dict[str, np.ndarray | None], dict[s
         "ood_x": None if ood_x is None else ood_x.astype(_ARRAY_DTYPES["ood_x"], copy=False),
     }
     return arrays, stats
+
+
+def select_classes(raw: RawData, classes: list[int] | None) -> tuple[RawData, np.ndarray]:
+    """Keep only ``classes`` (relabelled 0..k-1 in the given order); also return the test inputs of
+    the other classes — a real out-of-distribution set that needs no second data set."""
+    if classes is None:
+        return raw, raw.test_x[:0]
+    unknown = [c for c in classes if c >= raw.num_classes]
+    if unknown:
+        raise DataError(f"data.classes {unknown} do not exist in {raw.name} ({raw.num_classes} classes)")
+    lookup = np.full(raw.num_classes, -1, dtype=np.int64)
+    lookup[np.asarray(classes)] = np.arange(len(classes))
+    keep_train, keep_test = lookup[raw.train_y] >= 0, lookup[raw.test_y] >= 0
+    kept = RawData(
+        train_x=raw.train_x[keep_train], train_y=lookup[raw.train_y[keep_train]],
+        test_x=raw.test_x[keep_test], test_y=lookup[raw.test_y[keep_test]],
+        num_classes=len(classes), name=f"{raw.name}[classes {','.join(map(str, classes))}]",
+    )
+    return kept, raw.test_x[~keep_test]
 
 
 def _ood_inputs(cfg: DataConfig, input_shape: tuple[int, int, int]) -> np.ndarray:
