@@ -125,6 +125,27 @@ def evaluate(run_dir, sgd_epochs, draws) -> None:
     click.echo(evaluation_table(result["models"]))
 
 
+@main.command()
+@config_argument
+@overrides_option
+@click.option("--grid", "grid", multiple=True, required=True, metavar="KEY=V1,V2", help="A swept key and its values (repeatable: the product is run).")
+@click.option("--out", required=True, help="Folder for the sweep: one run directory per grid point, results.md/json.")
+@click.option("--mode", type=click.Choice(["reference", "run"]), default="reference", show_default=True,
+              help="reference: one process per point; run: the distributed system per point.")
+@click.option("--device", default="cpu", show_default=True, help="Device for reference runs.")
+@_fail_cleanly
+def sweep(config, overrides, grid, out, mode, device) -> None:
+    """Run a grid of experiments (e.g. masks x estimators) and collect one results table."""
+    from .log import setup_logging
+    from .sweep import results_table, run_sweep
+
+    setup_logging("sweep")
+    rows = run_sweep(config, list(overrides), list(grid), out, mode, device)
+    from .sweep import parse_grid
+
+    click.echo(results_table(rows, list(parse_grid(list(grid)))))
+
+
 def _register_role_commands() -> None:
     """Role commands live in :mod:`gped.cli_roles` so this module stays a table of contents."""
     try:

@@ -150,6 +150,9 @@ class StudentConfig:
     batch_size: int = 100
     #: student Adam steps per received posterior sample (params mode can afford more than one)
     steps_per_sample: int = 1
+    #: use only every k-th posterior sample (the paper thins by 100 for the predictive and by 10 for
+    #: the entropy: one chain thinned by 10 feeds both with sample_every = 10 and 1)
+    sample_every: int = 1
     #: params mode: when behind, jump to the newest snapshot (False: process every one, in order)
     skip_stale: bool = True
     seed: int = 0
@@ -176,8 +179,8 @@ class StudentConfig:
         self.model.validate(f"student {self.name!r}")
         if not self.lr > 0:
             raise ConfigError(f"student {self.name!r}: lr must be positive, got {self.lr}")
-        if self.batch_size <= 0 or self.steps_per_sample <= 0:
-            raise ConfigError(f"student {self.name!r}: batch_size and steps_per_sample must be positive")
+        if self.batch_size <= 0 or self.steps_per_sample <= 0 or self.sample_every <= 0:
+            raise ConfigError(f"student {self.name!r}: batch_size, steps_per_sample and sample_every must be positive")
         if self.lr_halve_epochs < 0:
             raise ConfigError(f"student {self.name!r}: lr_halve_epochs must be >= 0")
         if not (math.isfinite(self.group_lasso) and self.group_lasso >= 0):

@@ -74,13 +74,17 @@ class ReferenceRun:
         self.ensemble.add(evaluate_logits(teacher, self.test_x))
         if self.ood_ensemble is not None:
             self.ood_ensemble.add(evaluate_logits(teacher, self.ood_x))
+        sample = self.samples
         if self.cfg.sampler.mode == "targets":
             indices, _, inputs = self.batch(self.targets_stream)
             logits = evaluate_logits(teacher, inputs)
             for name, distiller in self.distillers.items():
-                self.last_losses[name] = distiller.observe(inputs, indices, logits)
+                if sample % distiller.cfg.sample_every == 0:
+                    self.last_losses[name] = distiller.observe(inputs, indices, logits)
         else:
             for name, distiller in self.distillers.items():
+                if sample % distiller.cfg.sample_every:
+                    continue
                 for _ in range(distiller.cfg.steps_per_sample):
                     indices, _, inputs = self.batch(self.student_streams[name])
                     self.last_losses[name] = distiller.observe(inputs, indices, evaluate_logits(teacher, inputs))

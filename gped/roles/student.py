@@ -65,6 +65,8 @@ class StudentRole:
             return False
         self.missed += msg.sample - self.last_sample - 1
         self.last_sample = msg.sample
+        if msg.sample % self.student.sample_every:
+            return False  # thinned out on purpose: neither used nor missed
         self.samples += 1
         return True
 
