@@ -105,11 +105,20 @@ class Channel:
         return prefix, safe_decode(frames[prefix_frames:], self.rejected, self.log)
 
 
+#: largest inbound frame libzmq accepts before gped even sees it (a peer sending more is disconnected):
+#: data sockets allow the wire's message limit; a PUB only ever receives subscriptions, which
+#: libzmq stores byte by byte, so a hostile subscriber could otherwise exhaust the sampler's memory
+MAX_INBOUND = {zmq.PUB: 1024}
+
+
 def make_socket(ctx: zmq.Context, kind: int, hwm: int = DEFAULT_HWM) -> zmq.Socket:
+    from .wire import MAX_MESSAGE_BYTES
+
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND.get(kind, MAX_MESSAGE_BYTES))
     return sock
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,14 +18,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port_pair() -> int:
-    """A port p such that p and p+1 are both free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65000 and port_free(port + 1) and port_free(port):
+    """A port p such that p and p+1 are both free on 127.0.0.1, taken *below* the kernel's
+    ephemeral range: a pair from that range (what bind(0) gives) can see p+1 grabbed as the local
+    end of some outgoing connection (zmq reconnects every 100 ms) before the sampler binds it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()  # not seeded: concurrent test sessions must not pick the same ports
+    for _ in range(500):
+        port = rng.randrange(max(1024, low - 12000), low - 2)
+        if port_free(port) and port_free(port + 1):
             return port
-    raise RuntimeError("no free port pair")
+    raise RuntimeError("no free port pair below the ephemeral range")
 
 
 def port_free(port: int) -> bool:

@@ -83,6 +83,7 @@ class CoordinatorRole:
         self.last_sample = -1
         self.reports: dict[str, dict] = {}
         self.unknown_messages = 0
+        self.refused = 0
         self.ensemble_missed = 0
         self.rejected: dict[str, dict[str, int]] = {}
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -137,7 +138,9 @@ class CoordinatorRole:
     def on_hello(self, identity: bytes, msg: Hello) -> None:
         reason = self.refusal(msg)
         if reason:
-            log.error("refused %s %r (pid %d): %s", msg.role, msg.name, msg.pid, reason)
+            self.refused += 1
+            if self.refused <= 10 or self.refused % 1000 == 0:
+                log.error("refused %s %r (pid %d, refusal #%d): %s", msg.role, msg.name, msg.pid, self.refused, reason)
             self.reply(identity, Welcome(accepted=False, reason=reason, run_dir=str(self.run_dir), stop_step=self.cfg.sampler.steps))
             return
         # a restarted role comes back with a new identity: forget its old entry
@@ -259,6 +262,7 @@ class CoordinatorRole:
             rows[name] = record["scores"]
         return {"samples": self.ensemble.count, "last_sample": self.last_sample, "sampler": self.sampler_done or "not finished",
                 "ensemble_missed": self.ensemble_missed, "rejected_messages": self.rejected,
+                "messages_without_handshake": self.unknown_messages, "refused_hellos": self.refused,
                 "scores": rows, "students": {n: r["student_metrics"] for n, r in self.reports.items()}}
 
     def write_summary(self) -> str:
