@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from dataclasses import dataclass
 
 import zmq
@@ -33,6 +34,7 @@ TOPIC_CONTROL = b"c"
 
 DEFAULT_HWM = 1000
 LINGER_MS = 2000
+BIND_RETRIES = 6
 
 
 @dataclass(frozen=True)
@@ -132,10 +134,22 @@ def bind(sock: zmq.Socket, address: str, cfg: CoordinatorConfig, what: str) -> N
                 "set coordinator.keys (gped keys) or coordinator.allow_insecure=true"
             )
         log.warning("binding %s to %s without authentication: anyone who can reach it can connect", what, address)
-    try:
-        sock.bind(address)
-    except zmq.ZMQError as exc:
-        raise GpedError(f"cannot bind {what} to {address}: {exc} (is another run using this port?)") from None
+    # A peer that connects before we listen can, on loopback, end up connected to itself with its
+    # local port equal to ours (TCP self-connect, when the port lies in the kernel's ephemeral
+    # range); zmq drops such a connection soon, so a few retries ride it out.
+    for attempt in range(BIND_RETRIES):
+        try:
+            sock.bind(address)
+            return
+        except zmq.ZMQError as exc:
+            if attempt == BIND_RETRIES - 1:
+                raise GpedError(
+                    f"cannot bind {what} to {address}: {exc} (is another run using this port? ports in the "
+                    "kernel's ephemeral range, /proc/sys/net/ipv4/ip_local_port_range, can be taken by outgoing "
+                    "connections: prefer one below it)"
+                ) from None
+            log.warning("cannot bind %s to %s yet (%s); retrying", what, address, exc)
+            time.sleep(0.5)
 
 
 # --------------------------------------------------------------------------------------------------
