@@ -40,7 +40,8 @@ def uncertainties_of_student(student: TrainedStudent, x: np.ndarray) -> dict[str
     if "expected_entropy" in out:
         scores["expected_entropy"] = out["expected_entropy"]
     if "mutual_information" in out:
-        scores["knowledge"] = out["mutual_information"]
+        # unclipped H[E p] − E H[p] from the two heads: clipping at 0 would tie inputs and bias AUROC
+        scores["knowledge"] = out["total_uncertainty"] - out["expected_entropy"]
     if "dirichlet_total" in out:
         scores["total"] = out["dirichlet_total"]
         scores["expected_entropy"] = out["dirichlet_expected_entropy"]
@@ -116,7 +117,7 @@ def evaluate_run(run_dir: str | Path, sgd_epochs: int = 30, draws: int = 500, su
         p, e = pred_only[0], ent_only[0]
 
         def pair(d):
-            return {"total": d[p]["total"], "knowledge": np.clip(d[p]["total"] - d[e]["expected_entropy"], 0, None)}
+            return {"total": d[p]["total"], "knowledge": d[p]["total"] - d[e]["expected_entropy"]}
 
         score(f"{p}+{e}", pair(preds_test), pair(preds_ood) if preds_ood else None)
 

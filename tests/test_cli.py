@@ -22,7 +22,9 @@ from click.testing import CliRunner
 from gped.cli import main
 
 QUIET = {"GPED_LOG_LEVEL": "WARNING"}
-ROLE_COMMANDS = ("data", "reference", "run", "sampler", "student", "coordinator")
+ROLE_COMMANDS = ("data", "reference", "run", "sampler", "student", "coordinator", "sweep", "search")
+#: commands that act on a folder, not a config: no --set
+FOLDER_COMMANDS = ("evaluate", "report", "keys")
 
 
 @pytest.fixture(autouse=True)
@@ -78,15 +80,15 @@ def test_help_lists_every_command():
     assert result.exit_code == 0, result.output
     commands = result.output.split("Commands:", 1)[1]
     listed = {line.split()[0] for line in commands.splitlines() if line.strip()}
-    assert set(ROLE_COMMANDS) <= listed, listed
+    assert set(ROLE_COMMANDS + FOLDER_COMMANDS) <= listed, listed
 
 
-@pytest.mark.parametrize("command", [c.split() for c in ROLE_COMMANDS + ("data prepare",)], ids=str)
+@pytest.mark.parametrize("command", [c.split() for c in ROLE_COMMANDS + FOLDER_COMMANDS + ("data prepare",)], ids=str)
 def test_each_command_has_help(command):
     result = runner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("Usage:")
-    if command != ["data"]:
+    if command != ["data"] and command[0] not in FOLDER_COMMANDS:
         assert "--set" in result.output
 
 
@@ -129,8 +131,8 @@ BAD_SETTINGS = [
     ("sampler.batch_size=0", "sampler.batch_size must be positive"),
     ("sampler.batch_size=-100", "sampler.batch_size must be positive"),
     ("sampler.distill_batch=-1", "sampler.distill_batch must be positive"),
-    ("students.0.batch_size=0", "batch_size and steps_per_sample must be positive"),
-    ("students.0.steps_per_sample=-2", "batch_size and steps_per_sample must be positive"),
+    ("students.0.batch_size=0", "steps_per_sample and sample_every must be positive"),
+    ("students.0.steps_per_sample=-2", "steps_per_sample and sample_every must be positive"),
     # unknown keys
     ("bogus=1", "unknown key(s) in config: bogus"),
     ("sampler.stepsize=1e-5", "unknown key(s) in config.sampler: stepsize"),
