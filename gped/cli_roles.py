@@ -76,3 +76,50 @@ def register(main: click.Group) -> None:
             run_dir = run_dir or resume_dir
         code = launch(_load(config, overrides, run_dir), resume=bool(resume_dir), timeout_s=timeout)
         raise SystemExit(code)
+
+    @main.command()
+    @click.argument("run_dir", type=click.Path())
+    @click.option("--out", default=None, type=click.Path(), help="Folder for report.md and the figures (default: RUN_DIR/report).")
+    @_fail_cleanly
+    def report(run_dir, out):
+        """Write report.md and PNG plots (learning curves, entropy scatter, reliability, OOD ROC) for a run."""
+        from .log import setup_logging
+        from .report import write_report
+
+        setup_logging("report")
+        result = write_report(run_dir, out)
+        click.echo(f"wrote {result.markdown} with {len(result.figures)} figure(s): {', '.join(p.name for p in result.figures.values())}")
+        for note in result.notes:
+            click.echo(f"note: {note}")
+
+    # --- gped search (gped/search.py) ---
+    @main.command()
+    @config_argument
+    @overrides_option
+    @click.option("--run-dir", default=None, help="Run directory (default: the config's run_dir + '-search').")
+    @click.option("--k1", required=True, metavar="LIST", help="Comma-separated K1 width multipliers, e.g. 0.25,0.5,1.")
+    @click.option("--k2", required=True, metavar="LIST", help="Comma-separated K2 width multipliers.")
+    @click.option("--lasso", default="", metavar="LIST", help="Comma-separated group-lasso strengths λ (none: grid only).")
+    @click.option("--finetune-steps", default=200, show_default=True, type=click.IntRange(min=0), help="Fine-tuning steps after pruning.")
+    @click.option("--tolerance", default=0.01, show_default=True, type=float, help="Choose the cheapest speed-front student within this NLL of the best.")
+    @click.option("--equal-budget/--no-equal-budget", default=True, show_default=True,
+                  help="Grid students keep learning while the pruned ones fine-tune (same steps for all).")
+    @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (latency is always timed on the CPU).")
+    @_fail_cleanly
+    def search(config, overrides, run_dir, k1, k2, lasso, finetune_steps, tolerance, equal_budget, device):
+        """Student architecture search: K1×K2 grid and group-lasso pruning on one chain, Pareto fronts."""
+        from pathlib import Path
+
+        from .log import setup_logging
+        from .runtime import set_threads
+        from .search import SearchSpec, parse_values, run_search
+
+        setup_logging("search")
+        cfg = _load(config, overrides, run_dir)
+        if not run_dir:
+            cfg.run_dir = cfg.run_dir.rstrip("/") + "-search"
+        spec = SearchSpec(parse_values(k1, "k1"), parse_values(k2, "k2"), parse_values(lasso, "lasso"), finetune_steps,
+                          tolerance, equal_budget=equal_budget)
+        set_threads(cfg.threads)
+        result = run_search(cfg, spec.validate(), device=device)
+        click.echo((Path(result["run_dir"]) / "search.md").read_text())

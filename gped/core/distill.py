@@ -20,6 +20,7 @@ from ..config import StudentConfig
 from .estimators import ESTIMATORS
 from .expectations import entropy_of, get_expectation, resolve
 from .models import build_student
+from .pruning import Masks, apply_masks, check_masks, group_lasso_penalty
 
 
 class Distiller:
@@ -46,6 +47,13 @@ class Distiller:
             torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=halve_every, gamma=0.5) if halve_every > 0 else None
         )
         self.updates = 0
+        #: pruning keep masks per hidden layer (see :mod:`gped.core.pruning`); empty = nothing pruned
+        self.masks: Masks = {}
+
+    def set_masks(self, masks: Masks) -> None:
+        """Prune: zero the masked units now and after every optimizer step from here on."""
+        self.masks = check_masks(self.model, masks)
+        apply_masks(self.model, self.masks)
 
     def targets(self, indices: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """Fold one posterior sample's statistics into the estimators; return the training targets."""
@@ -59,9 +67,17 @@ class Distiller:
         raw = self.model(inputs.to(self.device))
         losses = {name: exp.loss(targets[name], raw[name]).mean() for name, exp in self.expectations.items()}
         total = sum(losses.values())
+        # --- group lasso and pruning (gped.core.pruning): + λ·R(φ); pruned units stay zero ---
+        if self.cfg.group_lasso > 0:
+            penalty = group_lasso_penalty(self.model)
+            total = total + self.cfg.group_lasso * penalty
+            losses["group_lasso"] = penalty
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
+        if self.masks:
+            apply_masks(self.model, self.masks)
+        # --- end group lasso and pruning ---
         if self.scheduler is not None:
             self.scheduler.step()
         self.updates += 1
@@ -94,6 +110,7 @@ class Distiller:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
             "estimators": {name: est.state_dict() for name, est in self.estimators.items()},
             "updates": torch.tensor(self.updates),
+            "masks": {name: mask.cpu().clone() for name, mask in self.masks.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -104,6 +121,7 @@ class Distiller:
         for name, est in self.estimators.items():
             est.load_state_dict(state["estimators"][name])
         self.updates = int(state["updates"])
+        self.set_masks(state.get("masks", {}))  # checkpoints from before pruning existed have none
 
 
 class EnsembleAccumulator:
