@@ -1,9 +1,9 @@
 """Checkpoints: atomic, checksummed, and loaded without unpickling arbitrary objects.
 
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts written with ``torch.save``
-to a temporary file in the same folder, flushed to disk, and renamed over the old one, so a crash
-leaves either the old or the new file, never half of one. A SHA-256 of the bytes is written beside
-it (``<file>.sha256``, also atomically, after the file); loading checks it and uses
+to a temporary file in the same folder with a SHA-256 of its bytes as a trailer, flushed to disk,
+and renamed over the old one, so a crash leaves either the old or the new file, never half of one
+and never a file with someone else's checksum. Loading checks the checksum and uses
 ``torch.load(weights_only=True)``, which refuses pickled code.
 """
 
@@ -29,17 +29,18 @@ def _atomic_write_bytes(path: Path, payload: bytes) -> None:
     os.replace(tmp, path)
 
 
+TRAILER = b"\nGPED-SHA256:"
+TRAILER_LEN = len(TRAILER) + 64
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` with its SHA-256 as a trailer of the same file, replaced by one atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    digest = hashlib.sha256(payload).hexdigest()
-    # the checksum goes first under a temporary name so file + checksum are replaced as a pair:
-    # a crash between the two renames leaves a mismatch that load_checkpoint reports, never silence
-    _atomic_write_bytes(path, payload)
-    _atomic_write_bytes(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
+    _atomic_write_bytes(path, payload + TRAILER + hashlib.sha256(payload).hexdigest().encode())
     return path
 
 
@@ -47,12 +48,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise GpedError(f"checkpoint not found: {path}")
-    payload = path.read_bytes()
-    sidecar = path.with_name(path.name + ".sha256")
-    if not sidecar.is_file():
-        raise GpedError(f"checkpoint {path} has no checksum file {sidecar.name}; refusing to trust it")
-    expected = sidecar.read_text().strip()
-    if hashlib.sha256(payload).hexdigest() != expected:
+    data = path.read_bytes()
+    payload, trailer = data[:-TRAILER_LEN], data[-TRAILER_LEN:]
+    if not trailer.startswith(TRAILER):
+        raise GpedError(f"checkpoint {path} has no checksum trailer (truncated or not a gped checkpoint)")
+    if hashlib.sha256(payload).hexdigest().encode() != trailer[len(TRAILER):]:
         raise GpedError(f"checkpoint {path} is corrupt (checksum mismatch); use an older one or start afresh")
     try:
         state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)

@@ -7,6 +7,7 @@ Every command takes an optional CONFIG (TOML; the built-in defaults when omitted
 from __future__ import annotations
 
 import functools
+import json
 import sys
 
 import click
@@ -52,7 +53,7 @@ def _load(config, overrides, run_dir=None):
 
     extra = list(overrides)
     if run_dir:
-        extra.append(f'run_dir="{run_dir}"')
+        extra.append(f"run_dir={json.dumps(str(run_dir))}")  # a JSON string is a valid TOML basic string
     return load_config(config, extra)
 
 
@@ -111,8 +112,8 @@ def reference(config, overrides, run_dir, device) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--sgd-epochs", default=30, show_default=True, help="Epochs for the plain SGD baseline network.")
-@click.option("--draws", default=500, show_default=True, help="Random test subsets for the nDCG ranking score.")
+@click.option("--sgd-epochs", default=30, show_default=True, type=click.IntRange(min=1), help="Epochs for the plain SGD baseline network.")
+@click.option("--draws", default=500, show_default=True, type=click.IntRange(min=1), help="Random test subsets for the nDCG ranking score.")
 @_fail_cleanly
 def evaluate(run_dir, sgd_epochs, draws) -> None:
     """OOD detection (AUROC) and uncertainty ranking (nDCG@20) for the ensemble, students and an SGD net."""

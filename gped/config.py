@@ -131,6 +131,8 @@ class SamplerConfig:
                 raise ConfigError(f"sampler.{key} must be positive, got {getattr(self, key)}")
         if self.burn_in < 0:
             raise ConfigError(f"sampler.burn_in must be >= 0, got {self.burn_in}")
+        if not 0 < self.friction <= 1:
+            raise ConfigError(f"sampler.friction must be in (0, 1], got {self.friction}")
         if self.mode not in ("targets", "params"):
             raise ConfigError(f"sampler.mode must be 'targets' or 'params', got {self.mode!r}")
 
@@ -173,6 +175,14 @@ class StudentConfig:
             if name not in EXPECTATIONS:
                 raise ConfigError(
                     f"student {self.name!r}: unknown expectation {name!r}; choose from {', '.join(EXPECTATIONS)}"
+                )
+        from .core.expectations import get_expectation
+
+        for name in self.expectations:
+            if get_expectation(name).single_sample_only and self.estimator != "single":
+                raise ConfigError(
+                    f"student {self.name!r}: expectation {name!r} fits each posterior sample itself; "
+                    f"use estimator = \"single\" (U_s), not {self.estimator!r}"
                 )
         if self.estimator not in ESTIMATORS:
             raise ConfigError(f"student {self.name!r}: unknown estimator {self.estimator!r}; choose from {', '.join(ESTIMATORS)}")
@@ -270,7 +280,7 @@ class RunConfig:
         for key in ("run_dir", "threads"):
             raw.pop(key)
         coordinator = raw["coordinator"]
-        for key in ("keys", "allow_insecure", "host", "sampler_host", "bind"):
+        for key in COORDINATOR_LOCAL_FIELDS:
             coordinator.pop(key)
         return _hash(raw)
 
@@ -281,8 +291,11 @@ class RunConfig:
         raise ConfigError(f"no student named {name!r} in the config; have {', '.join(s.name for s in self.students)}")
 
 
-#: fields that may differ between hosts of one run without changing what is computed
-HOST_LOCAL_FIELDS = {"root", "ood_root", "prepared", "download", "device"}
+#: fields that may differ between hosts of one run, or between a run and its resumption (a longer
+#: budget, other evaluation or checkpoint intervals, other timeouts), without changing what is computed
+HOST_LOCAL_FIELDS = {"root", "ood_root", "prepared", "download", "device", "steps"}
+COORDINATOR_LOCAL_FIELDS = ("keys", "allow_insecure", "host", "sampler_host", "bind", "eval_every", "checkpoint_every",
+                            "heartbeat_s", "peer_timeout_s", "give_up_s", "wait_for_students_s")
 
 
 def _portable(part: Any) -> dict[str, Any]:

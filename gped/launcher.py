@@ -56,11 +56,21 @@ def _count_gpus() -> int:
         return 0
 
 
-def _spawn(label: str, args: list[str], gpu: str | None, resume: bool, log_dir: Path) -> Child:
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the launcher dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _spawn(label: str, args: list[str], gpu: str | None, resume: bool) -> Child:
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = gpu if gpu is not None else ""
     cmd = [sys.executable, "-m", "gped", *args] + (["--resume"] if resume else [])
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     log.info("started %s (pid %d)%s", label, proc.pid, f" on GPU {gpu}" if gpu is not None else "")
     return Child(label, proc)
 
@@ -106,18 +116,20 @@ def launch(cfg: RunConfig, resume: bool = False, timeout_s: float = 0.0, grace_s
 
     old_int = signal.signal(signal.SIGINT, forward)
     old_term = signal.signal(signal.SIGTERM, forward)
+    old_hup = signal.signal(signal.SIGHUP, forward)  # a dropped ssh session must not orphan the run
     children: list[Child] = []
     try:
-        coordinator = _spawn("coordinator", ["coordinator", *base], None, resume, run_dir)
+        coordinator = _spawn("coordinator", ["coordinator", *base], None, resume)
         children.append(coordinator)
         for name in names:
             device = "--device=cuda" if plan[name] is not None else "--device=cpu"
-            children.append(_spawn(f"student {name}", ["student", *base, "--name", name, device], plan[name], resume, run_dir))
+            children.append(_spawn(f"student {name}", ["student", *base, "--name", name, device], plan[name], resume))
         device = "--device=cuda" if plan["sampler"] is not None else "--device=cpu"
-        children.append(_spawn("sampler", ["sampler", *base, device], plan["sampler"], resume, run_dir))
+        children.append(_spawn("sampler", ["sampler", *base, device], plan["sampler"], resume))
         start = time.monotonic()
         forwarded = False
         failed: Child | None = None
+        lost: list[Child] = []
         while coordinator.proc.poll() is None:
             if interrupted and not forwarded:
                 log.info("forwarding %s to every role", signal.Signals(interrupted[0]).name)
@@ -129,11 +141,17 @@ def launch(cfg: RunConfig, resume: bool = False, timeout_s: float = 0.0, grace_s
                 forwarded = True
             for child in children:
                 code = child.proc.poll()
-                if code not in (None, 0) and failed is None:
-                    failed = child
-                    log.error("%s exited with status %d; stopping the run", child.label, code)
-                    _signal_all(children, signal.SIGINT)
-                    forwarded = True
+                if code in (None, 0) or child in lost:
+                    continue
+                lost.append(child)
+                if child.label.startswith("student") and len(lost) < len(names):
+                    # one student failing (say, diverged) must not end a days-long run for the others
+                    log.error("%s exited with status %d; the run goes on without it", child.label, code)
+                    continue
+                failed = failed or child
+                log.error("%s exited with status %d; stopping the run", child.label, code)
+                _signal_all(children, signal.SIGINT)
+                forwarded = True
             time.sleep(0.1)
         _reap(children, grace_s)
         codes = {c.label: c.proc.returncode for c in children}
@@ -144,8 +162,9 @@ def launch(cfg: RunConfig, resume: bool = False, timeout_s: float = 0.0, grace_s
             print(summary.read_text())
         if interrupted:
             return 130
-        return 0 if failed is None and all(v == 0 for v in codes.values()) else 1
+        return 0 if failed is None and not lost else 1
     finally:
         _reap(children, 0.0) if any(c.proc.poll() is None for c in children) else None
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGHUP, old_hup)

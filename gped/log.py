@@ -18,7 +18,12 @@ def setup_logging(role: str, level: str | int = "INFO", stream=None) -> logging.
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(os.environ.get("GPED_LOG_LEVEL", level))
+    wanted = os.environ.get("GPED_LOG_LEVEL", level)
+    try:
+        root.setLevel(wanted.upper() if isinstance(wanted, str) else wanted)
+    except ValueError:
+        root.setLevel(logging.INFO)
+        root.warning("GPED_LOG_LEVEL=%r is not a log level (DEBUG, INFO, WARNING, ERROR); using INFO", wanted)
     return logging.getLogger(f"gped.{role}")
 
 

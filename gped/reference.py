@@ -52,7 +52,8 @@ class ReferenceRun:
             build_teacher_for(cfg, d), torch.from_numpy(d.labelled_x), torch.from_numpy(d.labelled_y), cfg.sampler, self.device
         )
         n_distill = len(d.train_x)
-        self.distillers = {s.name: Distiller(s, d.input_shape, d.num_classes, n_distill, self.device) for s in cfg.students}
+        targets = cfg.sampler.distill_batch if cfg.sampler.mode == "targets" else None
+        self.distillers = {s.name: Distiller(s, d.input_shape, d.num_classes, n_distill, self.device, targets) for s in cfg.students}
         self.targets_stream = DistillStream(n_distill, cfg.sampler.distill_batch, cfg.sampler.seed + TARGETS_STREAM_OFFSET)
         self.student_streams = {s.name: DistillStream(n_distill, s.batch_size, s.seed) for s in cfg.students}
         self.ensemble = EnsembleAccumulator(len(self.test_x), d.num_classes)

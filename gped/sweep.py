@@ -60,7 +60,7 @@ def run_sweep(config: str | None, overrides: list[str], grid_items: list[str], o
     rows: list[dict] = []
     for i, point in enumerate(points, 1):
         run_dir = out_dir / point_name(point)
-        sets = list(overrides) + [f"{k}={v}" for k, v in point.items()] + [f'run_dir="{run_dir}"']
+        sets = list(overrides) + [f"{k}={v}" for k, v in point.items()] + [f"run_dir={json.dumps(str(run_dir))}"]
         if (run_dir / "summary.json").exists():
             log.info("[%d/%d] %s: done before, reusing", i, len(points), run_dir.name)
         else:

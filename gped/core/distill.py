@@ -17,6 +17,7 @@ import math
 import torch
 
 from ..config import StudentConfig
+from ..errors import GpedError
 from .estimators import ESTIMATORS
 from .expectations import entropy_of, get_expectation, resolve
 from .models import build_student
@@ -24,7 +25,9 @@ from .pruning import Masks, apply_masks, check_masks, group_lasso_penalty
 
 
 class Distiller:
-    def __init__(self, cfg: StudentConfig, input_shape, num_classes: int, num_distill: int, device="cpu"):
+    def __init__(self, cfg: StudentConfig, input_shape, num_classes: int, num_distill: int, device="cpu",
+                 batch_size: int | None = None):
+        """``batch_size``: rows per distillation batch when it is not the student's own (targets mode)."""
         self.cfg = cfg
         self.device = torch.device(device)
         self.num_classes = num_classes
@@ -41,12 +44,16 @@ class Distiller:
             for name, exp in self.expectations.items()
         }
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        steps_per_epoch = max(1, math.ceil(num_distill / cfg.batch_size))
+        steps_per_epoch = max(1, math.ceil(num_distill / (batch_size or cfg.batch_size)))
         halve_every = int(round(cfg.lr_halve_epochs * steps_per_epoch))
         self.scheduler = (
             torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=halve_every, gamma=0.5) if halve_every > 0 else None
         )
         self.updates = 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            self.rng_state = torch.get_rng_state()  # this student's dropout stream
+        self.cuda_rng_state = None
         #: pruning keep masks per hidden layer (see :mod:`gped.core.pruning`); empty = nothing pruned
         self.masks: Masks = {}
 
@@ -64,9 +71,13 @@ class Distiller:
 
     def train_step(self, inputs: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()
-        raw = self.model(inputs.to(self.device))
+        raw = self._forward_with_own_rng(inputs.to(self.device))
         losses = {name: exp.loss(targets[name], raw[name]).mean() for name, exp in self.expectations.items()}
         total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise GpedError(
+                f"student {self.cfg.name!r} diverged at update {self.updates + 1} (loss {float(total)}); lower its lr (now {self.cfg.lr})"
+            )
         # --- group lasso and pruning (gped.core.pruning): + λ·R(φ); pruned units stay zero ---
         if self.cfg.group_lasso > 0:
             penalty = group_lasso_penalty(self.model)
@@ -82,6 +93,23 @@ class Distiller:
             self.scheduler.step()
         self.updates += 1
         return {name: float(v.detach()) for name, v in losses.items()}
+
+    def _forward_with_own_rng(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training forward pass. Dropout draws from this student's own RNG stream (saved in its
+        checkpoint), so several students in one process, or one resumed, draw exactly what one
+        uninterrupted student process draws."""
+        if not self.cfg.model.dropout:
+            return self.model(inputs)
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            torch.set_rng_state(self.rng_state)
+            if cuda and self.cuda_rng_state is not None:
+                torch.cuda.set_rng_state(self.cuda_rng_state, self.device)
+            raw = self.model(inputs)
+            self.rng_state = torch.get_rng_state()
+            if cuda:
+                self.cuda_rng_state = torch.cuda.get_rng_state(self.device)
+        return raw
 
     def observe(self, inputs: torch.Tensor, indices: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, float]:
         """Algorithm 1 step 2 for one batch: update targets with this sample, one student step."""
@@ -111,6 +139,7 @@ class Distiller:
             "estimators": {name: est.state_dict() for name, est in self.estimators.items()},
             "updates": torch.tensor(self.updates),
             "masks": {name: mask.cpu().clone() for name, mask in self.masks.items()},
+            "rng": self.rng_state.clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -122,6 +151,8 @@ class Distiller:
             est.load_state_dict(state["estimators"][name])
         self.updates = int(state["updates"])
         self.set_masks(state.get("masks", {}))  # checkpoints from before pruning existed have none
+        if "rng" in state:
+            self.rng_state = state["rng"].cpu().clone()
 
 
 class EnsembleAccumulator:

@@ -25,6 +25,8 @@ def ensemble_scores(ensemble: EnsembleAccumulator, labels) -> dict[str, float]:
 def student_scores(predictions: dict[str, np.ndarray], ensemble: EnsembleAccumulator, labels) -> dict[str, float]:
     """Metrics for one student's test-set predictions (keys present depend on what it distils)."""
     scores: dict[str, float] = {}
+    if "predictive" not in predictions and "dirichlet" in predictions:
+        predictions = {**predictions, "predictive": predictions["dirichlet"]}  # EnD²: the Dirichlet's mean
     if "predictive" in predictions:
         probs = np.asarray(predictions["predictive"], dtype=np.float64)
         scores.update(metrics.classification_report(probs, labels))

@@ -118,15 +118,20 @@ def checkpoint_state(cfg: RunConfig, fingerprint: str, role_state: dict) -> dict
     return {"role": role_state, "config_hash": cfg.config_hash(), "data_fingerprint": fingerprint}
 
 
-def load_role_checkpoint(path: Path, cfg: RunConfig, fingerprint: str, device=None) -> dict | None:
-    """The role state of a checkpoint made by this run (same config and data), or None if none."""
+def load_role_checkpoint(path: Path, cfg: RunConfig, fingerprint: str) -> dict | None:
+    """The role state of a checkpoint made by this run (same config and data), or None if none.
+
+    Always loaded onto the CPU: generator states must stay CPU byte tensors, and ``load_state_dict``
+    moves everything else to the role's device."""
     from ..checkpoint import load_checkpoint
 
     if not path.exists():
         return None
-    state = load_checkpoint(path, device or "cpu")
+    state = load_checkpoint(path, "cpu")
     if state.get("config_hash") != cfg.config_hash():
         raise GpedError(f"checkpoint {path} belongs to another config (hash {state.get('config_hash')} != {cfg.config_hash()})")
+    if "role" not in state or not isinstance(state["role"], dict):
+        raise GpedError(f"checkpoint {path} holds no role state")
     if state.get("data_fingerprint") != fingerprint:
         raise GpedError(f"checkpoint {path} was made with other data (fingerprint {state.get('data_fingerprint')} != {fingerprint})")
     return state["role"]

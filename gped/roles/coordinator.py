@@ -80,6 +80,8 @@ class CoordinatorRole:
         self.first_peer_time: float | None = None
         self.sampler_done: str | None = None
         self.sampler_done_time = 0.0
+        self.end_sample = -1
+        self.last_report_time = 0.0
         self.last_sample = -1
         self.reports: dict[str, dict] = {}
         self.unknown_messages = 0
@@ -107,12 +109,14 @@ class CoordinatorRole:
         peer.last_seen = time.monotonic()
         if isinstance(msg, Heartbeat):
             peer.status = dict(msg.status)
+            self.reply(identity, Heartbeat(role="coordinator", name="coordinator"))  # so peers know we are alive
             if peer.role == "sampler" and msg.status.get("state") == "running":
                 self.started_pid = peer.pid  # already streaming (this coordinator restarted): nothing to wait for
         elif isinstance(msg, Report):
             self.on_report(peer, msg)
         elif isinstance(msg, Stop) and peer.role == "sampler":
             log.info("sampler says: %s", msg.reason)
+            self.end_stream(msg)  # the reliable copy of the end-of-stream marker
 
     def refusal(self, msg: Hello) -> str | None:
         """Why ``msg`` must be refused, or None to accept it."""
@@ -153,7 +157,7 @@ class CoordinatorRole:
             log.info("accepted %s %r (pid %d, resume step %d)", msg.role, msg.name, msg.pid, msg.resume_step)
         self.reply(identity, Welcome(accepted=True, reason="", run_dir=str(self.run_dir), stop_step=self.cfg.sampler.steps))
         if msg.role == "student" and self.sampler_done is not None:
-            self.reply(identity, Stop(reason=STREAM_ENDED))  # it came back after the end: report and finish
+            self.reply(identity, Stop(sample=self.end_sample, reason=STREAM_ENDED))  # came back after the end: report, finish
 
     @property
     def started(self) -> bool:
@@ -195,23 +199,34 @@ class CoordinatorRole:
 
     def on_sample(self, msg: Message) -> None:
         if isinstance(msg, Params):
+            if msg.sample <= self.last_sample:
+                return  # a restarted sampler re-sends what we already have
             try:
                 load_flat_parameters(self.teacher, torch.from_numpy(np.array(msg.params)))
             except ValueError as exc:
                 log.warning("params message %d rejected: %s", msg.sample, exc)
                 return
-            if msg.sample <= self.last_sample:
-                return  # a restarted sampler re-sends what we already have
             self.ensemble_missed += msg.sample - self.last_sample - 1
             self.last_sample = msg.sample
             self.ensemble.add(evaluate_logits(self.teacher, self.test_x))
             if self.ood_ensemble is not None:
                 self.ood_ensemble.add(evaluate_logits(self.teacher, self.ood_x))
         elif isinstance(msg, Stop):
-            if self.sampler_done is None:
-                self.sampler_done = msg.reason
-                self.sampler_done_time = time.monotonic()
-                log.info("sample stream ended (%s) after sample %d; waiting for final reports", msg.reason, msg.sample)
+            self.end_stream(msg)
+
+    def end_stream(self, msg: Stop) -> None:
+        """The sampler's stream is over (its PUB marker or its control-channel copy, whichever first):
+        tell every student over the control channel too, with the last sample id, so a student whose
+        sample queue overflowed still finishes what it has and reports instead of waiting."""
+        if self.sampler_done is not None:
+            return
+        self.sampler_done = msg.reason
+        self.sampler_done_time = time.monotonic()
+        self.end_sample = msg.sample
+        log.info("sample stream ended (%s) after sample %d; waiting for final reports", msg.reason, msg.sample)
+        for identity, peer in self.peers.items():
+            if peer.role == "student":
+                self.reply(identity, Stop(sample=msg.sample, reason=STREAM_ENDED))
 
     # --- evaluation --------------------------------------------------------------------------
 
@@ -239,6 +254,7 @@ class CoordinatorRole:
             log.warning("report from %r rejected: %s", peer.name, exc)
             return
         final = bool(msg.metrics.get("final"))
+        self.last_report_time = time.monotonic()
         peer.final = peer.final or final
         record = {"time": time.time(), "student": peer.name, "sample": msg.sample, "ensemble_samples": self.ensemble.count,
                   "final": final, "scores": scores, "student_metrics": dict(msg.metrics)}
@@ -254,7 +270,8 @@ class CoordinatorRole:
         students = [p for p in self.peers.values() if p.role == "student"]
         if all(p.final for p in students) and students:
             return True
-        return time.monotonic() - self.sampler_done_time > FINAL_REPORT_TIMEOUT_S
+        # students still reporting are still working through their backlog: wait while there is progress
+        return time.monotonic() - max(self.sampler_done_time, self.last_report_time) > FINAL_REPORT_TIMEOUT_S
 
     def summary(self) -> dict:
         rows = {"teacher ensemble": ensemble_scores(self.ensemble, self.test_y)} if self.ensemble.count else {}

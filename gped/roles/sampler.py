@@ -63,7 +63,10 @@ class SamplerRole:
         if not self.chain.is_sample():
             return False
         step, sample = self.chain.step, self.chain.sample_id
-        flat = flat_parameters(self.chain.model).cpu().numpy()
+        flat = flat_parameters(self.chain.model)
+        if not torch.isfinite(flat).all():
+            raise GpedError(f"the chain diverged by step {step} (non-finite parameters); lower sampler.step_size")
+        flat = flat.cpu().numpy()
         ok = self.publish(TOPIC_PARAMS, Params(step=step, sample=sample, numel=flat.size, params=flat))
         if self.cfg.sampler.mode == "targets":
             indices, noise_seed = self.stream.next()
@@ -109,37 +112,54 @@ def run(cfg: RunConfig, resume: bool = False, device: str | None = None) -> int:
     try:
         role = SamplerRole(cfg, data, dev, lambda topic, msg: samples.send(msg, [topic]))
         ckpt = checkpoint_path(cfg, "sampler", "sampler")
-        state = load_role_checkpoint(ckpt, cfg, data.fingerprint, dev) if resume else None
+        state = load_role_checkpoint(ckpt, cfg, data.fingerprint) if resume else None
         if state is not None:
             role.load_state_dict(state)
             log.info("resumed from %s at step %d", ckpt, role.chain.step)
-        welcome = handshake(control, make_hello(cfg, "sampler", "sampler", data.fingerprint, role.chain.step), cfg, stop, log)
+        hello = make_hello(cfg, "sampler", "sampler", data.fingerprint, role.chain.step)
+        welcome = handshake(control, hello, cfg, stop, log)
         bind(pub_sock, addresses.samples_bind, cfg.coordinator, "the sample stream")
         log.info("accepted by the coordinator (run dir %s); publishing on %s; waiting for the start signal", welcome.run_dir, addresses.samples_bind)
-        if not _wait_for_start(control, samples, cfg, stop):
+        if not _wait_for_start(control, samples, cfg, stop, hello):
             return 0
         log.info("started: %s mode, %d steps, burn-in %d, thin %d, device %s", cfg.sampler.mode, cfg.sampler.steps, cfg.sampler.burn_in, cfg.sampler.thin, dev)
         _loop(role, control, samples, cfg, stop, ckpt, data.fingerprint)
         return 0
     except GpedError as exc:
         log.error("%s", exc)
+        # tell everyone the stream is over, so nobody waits out give_up_s for a sampler that failed
+        end = Stop(reason=f"sampler failed: {exc}"[:200])
+        samples.send(end, [TOPIC_CONTROL])
+        control.send(end)
         return 2
     finally:
         close_all(ctx, control_sock, pub_sock, security=security)
 
 
-def _wait_for_start(control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag) -> bool:
-    """Publish heartbeats (so subscribers can tell they are connected) until the coordinator says start."""
+def _wait_for_start(control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, hello) -> bool:
+    """Publish heartbeats (so subscribers can tell they are connected) until the coordinator says
+    start; heartbeat the coordinator too, say hello again if it restarted, give up after give_up_s."""
     beat = Every(min(cfg.coordinator.heartbeat_s, 0.2))
+    last_heard = time.monotonic()
+    status = {"state": "waiting", "pid": os.getpid()}
     while not stop:
         if beat():
-            samples.send(Heartbeat(role="sampler", name="sampler", status={"state": "waiting", "pid": os.getpid()}), [TOPIC_CONTROL])
+            samples.send(Heartbeat(role="sampler", name="sampler", status=status), [TOPIC_CONTROL])
+            control.send(Heartbeat(role="sampler", name="sampler", status=status))
         got = control.recv(timeout_ms=50)
-        if got and isinstance(got[1], Start):
-            return True
-        if got and isinstance(got[1], Stop):
-            log.info("coordinator stopped the run before it started: %s", got[1].reason)
-            return False
+        if got and got[1] is not None:
+            last_heard = time.monotonic()
+            if isinstance(got[1], Start):
+                return True
+            if isinstance(got[1], Stop):
+                log.info("coordinator stopped the run before it started: %s", got[1].reason)
+                return False
+            if is_rehello(got[1]):
+                log.info("the coordinator restarted; saying hello again")
+                control.send(hello)
+        silent = time.monotonic() - last_heard
+        if cfg.coordinator.give_up_s and silent > cfg.coordinator.give_up_s:
+            raise GpedError(f"no word from the coordinator for {silent:.0f} s while waiting to start")
     return False
 
 

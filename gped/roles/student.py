@@ -50,7 +50,8 @@ class StudentRole:
         self.train_x = torch.from_numpy(data.train_x).to(device)
         self.test_x = torch.from_numpy(data.test_x)
         self.num_classes = data.num_classes
-        self.distiller = Distiller(student, data.input_shape, data.num_classes, len(data.train_x), device)
+        targets = cfg.sampler.distill_batch if cfg.sampler.mode == "targets" else None
+        self.distiller = Distiller(student, data.input_shape, data.num_classes, len(data.train_x), device, targets)
         self.teacher = build_teacher_for(cfg, data).to(device) if cfg.sampler.mode == "params" else None
         self.stream = DistillStream(len(data.train_x), student.batch_size, student.seed)
         self.last_sample = -1
@@ -59,11 +60,13 @@ class StudentRole:
         self.superseded = 0
         self.losses: dict[str, float] = {}
 
-    def _count(self, msg: Message) -> bool:
-        """Track sample ids; False for a stale or duplicate sample (ignored)."""
+    def _count(self, msg: Message, superseded: int = 0) -> bool:
+        """Track sample ids; False for a stale or duplicate sample (ignored). ``superseded`` samples
+        of the gap did arrive but were skipped for a newer snapshot: they are not missed."""
         if msg.sample <= self.last_sample:
             return False
-        self.missed += msg.sample - self.last_sample - 1
+        self.missed += msg.sample - self.last_sample - 1 - superseded
+        self.superseded += superseded
         self.last_sample = msg.sample
         if msg.sample % self.student.sample_every:
             return False  # thinned out on purpose: neither used nor missed
@@ -81,8 +84,8 @@ class StudentRole:
         self.losses = self.distiller.observe(inputs, indices, torch.from_numpy(np.array(msg.logits)))
         return True
 
-    def on_params(self, msg: Params) -> bool:
-        if not self._count(msg):
+    def on_params(self, msg: Params, superseded: int = 0) -> bool:
+        if not self._count(msg, superseded):
             return False
         try:
             load_flat_parameters(self.teacher, torch.from_numpy(np.array(msg.params)))
@@ -97,7 +100,7 @@ class StudentRole:
 
     def report(self, final: bool = False) -> Report:
         preds = self.distiller.predict(self.test_x)
-        probs = preds.get("predictive")
+        probs = preds.get("predictive", preds.get("dirichlet"))  # EnD² is scored by its Dirichlet's mean
         probs = probs.numpy().astype(np.float32) if probs is not None else np.zeros((0, self.num_classes), np.float32)
         entropy = preds.get("expected_entropy")
         entropy = entropy.reshape(-1).numpy().astype(np.float32) if entropy is not None else np.zeros(0, np.float32)
@@ -148,7 +151,7 @@ def run(cfg: RunConfig, name: str, resume: bool = False, device: str | None = No
     try:
         role = StudentRole(cfg, student, data, dev, control.send)
         ckpt = checkpoint_path(cfg, "student", name)
-        state = load_role_checkpoint(ckpt, cfg, data.fingerprint, dev) if resume else None
+        state = load_role_checkpoint(ckpt, cfg, data.fingerprint) if resume else None
         if state is not None:
             role.load_state_dict(state)
             log.info("resumed from %s after sample %d", ckpt, role.last_sample)
@@ -166,21 +169,28 @@ def run(cfg: RunConfig, name: str, resume: bool = False, device: str | None = No
 
 
 DEFAULT_SUB_HWM = 1000
+#: after the coordinator says the stream ended, how long to wait for the rest of it to arrive
+END_DRAIN_S = 2.0
 
 
-def _drain(samples: Channel, first: Message) -> tuple[Message, int]:
-    """Params mode: take everything queued, keep the newest snapshot (end-of-stream wins)."""
-    newest, skipped = first, 0
-    while True:
+def _drain(samples: Channel, first: Params, every: int) -> tuple[Params, int, int, Stop | None]:
+    """Params mode: take everything queued and keep the newest snapshot this student would use
+    (its id passes ``sample_every``); return it, how many snapshots it supersedes, and the
+    end-of-stream marker if one was queued behind it (to act on after using the snapshot), and
+    the newest id seen (newer unusable ones are thinned out, not missed)."""
+    queued = [first]
+    end: Stop | None = None
+    while end is None:
         got = samples.recv(prefix_frames=1)
         if got is None:
-            return newest, skipped
-        msg = got[1]
-        if isinstance(msg, Stop):
-            return msg, skipped + isinstance(newest, Params)
-        if isinstance(msg, Params):
-            skipped += isinstance(newest, Params)
-            newest = msg
+            break
+        if isinstance(got[1], Params):
+            queued.append(got[1])
+        elif isinstance(got[1], Stop):
+            end = got[1]
+    usable = [m for m in queued if m.sample % every == 0]
+    newest = usable[-1] if usable else queued[-1]
+    return newest, sum(1 for m in queued if m.sample < newest.sample), queued[-1].sample, end
 
 
 def _loop(role: StudentRole, control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, checkpoint, hello) -> None:
@@ -198,7 +208,16 @@ def _loop(role: StudentRole, control: Channel, samples: Channel, cfg: RunConfig,
     poller.register(samples.socket, zmq.POLLIN)
     poller.register(control.socket, zmq.POLLIN)
     stop_since: float | None = None
+    end_at: int | None = None  # last sample id of a stream the coordinator says has ended
+    end_heard = 0.0
     while True:
+        if end_at is not None and (role.last_sample >= end_at or time.monotonic() - max(end_heard, last_heard) > END_DRAIN_S):
+            if role.last_sample < end_at:
+                role.missed += end_at - role.last_sample  # the tail never arrived: count it
+                role.last_sample = end_at
+            log.info("the sampler's stream ended at sample %d; final report", end_at)
+            pending_final = True
+            break
         if stop and stop_since is None:
             stop_since = time.monotonic()
             log.info("stopping (%s): finishing what the sampler has sent", stop.reason)
@@ -212,27 +231,32 @@ def _loop(role: StudentRole, control: Channel, samples: Channel, cfg: RunConfig,
                 last_heard, sampler_seen = time.monotonic(), True
                 if isinstance(msg, Heartbeat):
                     sampler_pid = int(msg.status.get("pid", 0))
+                skipped, newest_id, end = 0, -1, None
                 if isinstance(msg, Params) and role.student.skip_stale:
-                    msg, skipped = _drain(samples, msg)
-                    role.superseded += skipped
+                    msg, skipped, newest_id, end = _drain(samples, msg, role.student.sample_every)
                 if isinstance(msg, Stop):
                     pending_final = True
                     log.info("sampler finished (%s); final report", msg.reason)
                     break
-                handled = role.on_targets(msg) if isinstance(msg, Targets) else role.on_params(msg) if isinstance(msg, Params) else False
+                handled = role.on_targets(msg) if isinstance(msg, Targets) else role.on_params(msg, skipped) if isinstance(msg, Params) else False
                 if handled:
                     if role.samples % coord.eval_every == 0:
                         role.report()
                     if role.samples % coord.checkpoint_every == 0:
                         checkpoint()
+                role.last_sample = max(role.last_sample, newest_id)
+                if end is not None:
+                    pending_final = True
+                    log.info("sampler finished (%s); final report", end.reason)
+                    break
         if control.socket in ready:
             got = control.recv()
             if got and isinstance(got[1], Stop):
                 if got[1].reason == STREAM_ENDED:
-                    log.info("the sampler's stream ended while this student was away; final report")
-                    pending_final = True
-                    break
-                stop.set(f"coordinator: {got[1].reason}")
+                    end_at = got[1].sample
+                    end_heard = time.monotonic()
+                else:
+                    stop.set(f"coordinator: {got[1].reason}")
             elif got and is_rehello(got[1]):
                 log.info("the coordinator restarted; saying hello again")
                 control.send(hello)
