@@ -137,6 +137,16 @@ def load_role_checkpoint(path: Path, cfg: RunConfig, fingerprint: str) -> dict |
     return state["role"]
 
 
+def restore(role, state: dict, path: Path) -> None:
+    """``role.load_state_dict(state)``, with a clear error for a checkpoint of the wrong kind
+    (e.g. one written by ``gped reference``, which keeps results but no stream positions)."""
+    try:
+        role.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise GpedError(f"checkpoint {path} cannot resume this role ({type(exc).__name__}: {exc}); "
+                        "checkpoints of `gped reference` runs are for loading results, not for --resume") from None
+
+
 def checkpoint_path(cfg: RunConfig, role: str, name: str) -> Path:
     return Path(cfg.run_dir) / "checkpoints" / f"{role}-{name}.pt"
 

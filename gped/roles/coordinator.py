@@ -40,7 +40,7 @@ from ..log import setup_logging
 from ..runtime import build_teacher_for, load_data, set_threads
 from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, Addresses, Channel, Security, bind, make_socket
 from ..wire import PROTOCOL_VERSION, Heartbeat, Hello, Message, Params, Report, Start, Stop, Welcome
-from .common import BUSY, HELLO_FIRST, STREAM_ENDED, Every, StopFlag, checkpoint_path, checkpoint_state, close_all, load_role_checkpoint
+from .common import BUSY, HELLO_FIRST, STREAM_ENDED, Every, StopFlag, checkpoint_path, checkpoint_state, close_all, load_role_checkpoint, restore
 
 log = logging.getLogger("gped.coordinator")
 
@@ -350,7 +350,7 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
         ckpt = checkpoint_path(cfg, "coordinator", "coordinator")
         state = load_role_checkpoint(ckpt, cfg, data.fingerprint) if resume else None
         if state is not None:
-            role.load_state_dict(state)
+            restore(role, state, ckpt)
             log.info("resumed from %s with an ensemble of %d samples", ckpt, role.ensemble.count)
         log.info("run %r in %s; control on %s; %d students configured; data %s", cfg.name, run_dir, addresses.control_bind,
                  len(cfg.students), data.fingerprint)

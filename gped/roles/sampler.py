@@ -29,7 +29,7 @@ from ..log import Progress, setup_logging
 from ..runtime import TARGETS_STREAM_OFFSET, build_teacher_for, load_data, pick_device, set_threads
 from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, TOPIC_TARGETS, Addresses, Channel, Security, bind, make_socket
 from ..wire import Heartbeat, Message, Params, Start, Stop, Targets
-from .common import (Every, StopFlag, checkpoint_path, checkpoint_state, close_all, handshake, is_rehello,
+from .common import (Every, restore, StopFlag, checkpoint_path, checkpoint_state, close_all, handshake, is_rehello,
                      load_role_checkpoint, make_hello)
 
 log = logging.getLogger("gped.sampler")
@@ -114,7 +114,7 @@ def run(cfg: RunConfig, resume: bool = False, device: str | None = None) -> int:
         ckpt = checkpoint_path(cfg, "sampler", "sampler")
         state = load_role_checkpoint(ckpt, cfg, data.fingerprint) if resume else None
         if state is not None:
-            role.load_state_dict(state)
+            restore(role, state, ckpt)
             log.info("resumed from %s at step %d", ckpt, role.chain.step)
         hello = make_hello(cfg, "sampler", "sampler", data.fingerprint, role.chain.step)
         welcome = handshake(control, hello, cfg, stop, log)

@@ -33,7 +33,7 @@ from ..log import Progress, setup_logging
 from ..runtime import build_teacher_for, load_data, pick_device, set_threads
 from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, TOPIC_TARGETS, Addresses, Channel, Security, make_socket
 from ..wire import Heartbeat, Message, Params, Report, Stop, Targets
-from .common import (STREAM_ENDED, Every, StopFlag, checkpoint_path, checkpoint_state, close_all, handshake, is_rehello,
+from .common import (STREAM_ENDED, Every, restore, StopFlag, checkpoint_path, checkpoint_state, close_all, handshake, is_rehello,
                      load_role_checkpoint, make_hello)
 
 log = logging.getLogger("gped.student")
@@ -153,7 +153,7 @@ def run(cfg: RunConfig, name: str, resume: bool = False, device: str | None = No
         ckpt = checkpoint_path(cfg, "student", name)
         state = load_role_checkpoint(ckpt, cfg, data.fingerprint) if resume else None
         if state is not None:
-            role.load_state_dict(state)
+            restore(role, state, ckpt)
             log.info("resumed from %s after sample %d", ckpt, role.last_sample)
         hello = make_hello(cfg, "student", name, data.fingerprint, max(role.last_sample, 0))
         handshake(control, hello, cfg, stop, log)
