@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 

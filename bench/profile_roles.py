@@ -22,7 +22,7 @@ import argparse
 import cProfile
 import pstats
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
