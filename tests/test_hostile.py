@@ -517,7 +517,7 @@ def classify(corpus, cfg) -> tuple[Counter, list[tuple[int, object]]]:
 
 
 def test_coordinator_counts_every_malformed_message_and_the_run_completes(small_run):
-    run = Run(small_run(mode="targets", steps=3100, port=quiet_port_pair()))
+    run = Run(small_run(mode="targets", steps=20000, port=quiet_port_pair()))
     corpus = build_corpus(run, SEED, N_FUZZ)
     expected_rejects, answerable = classify(corpus, run.cfg)
     assert "internal" not in expected_rejects, expected_rejects
@@ -678,7 +678,8 @@ def _garbage_volley(port: int, rng: random.Random, held: list[socket.socket]) ->
 
 
 def test_raw_tcp_garbage_on_both_ports_does_not_disturb_the_run(small_run):
-    run = Run(small_run(mode="targets", steps=1600, port=quiet_port_pair()))
+    # long enough that the volleys land while samples stream, even on an idle machine
+    run = Run(small_run(mode="targets", steps=12000, port=quiet_port_pair()))
     rng = random.Random(SEED + 2)
     held: list[socket.socket] = []
     try:
@@ -748,7 +749,7 @@ cut_off: list[socket.socket] = []
 
 
 def test_odd_subscribers_on_the_sample_stream_do_not_slow_or_crash_the_run(small_run):
-    run = Run(small_run(mode="targets", steps=1600, port=quiet_port_pair()))
+    run = Run(small_run(mode="targets", steps=6000, port=quiet_port_pair()))
     rng = random.Random(SEED + 3)
     ctx = zmq.Context()
     samples = f"tcp://127.0.0.1:{run.port + 1}"
