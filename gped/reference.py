@@ -27,7 +27,6 @@ from .config import RunConfig, save_config
 from .core.chain import DistillStream, TeacherChain, evaluate_logits
 from .core.data import distill_inputs
 from .core.distill import Distiller, EnsembleAccumulator
-from .core.expectations import entropy_of
 from .core.evaluate import ensemble_scores, student_scores, summary_table
 from .checkpoint import save_checkpoint
 from .log import Progress
@@ -97,10 +96,6 @@ class ReferenceRun:
         rows = {"teacher ensemble": ensemble_scores(self.ensemble, self.test_y)}
         for name, distiller in self.distillers.items():
             preds = {k: v.numpy() for k, v in distiller.predict(self.test_x).items()}
-            if "predictive" in preds and "expected_entropy" in preds and "mutual_information" not in preds:
-                # as the coordinator does: a student with both heads also scores its knowledge uncertainty
-                total = entropy_of(torch.from_numpy(preds["predictive"])).numpy()
-                preds["mutual_information"] = (total - preds["expected_entropy"].reshape(-1)).clip(0, None)
             rows[name] = student_scores(preds, self.ensemble, self.test_y)
         return rows
 

@@ -27,6 +27,11 @@ def student_scores(predictions: dict[str, np.ndarray], ensemble: EnsembleAccumul
     scores: dict[str, float] = {}
     if "predictive" not in predictions and "dirichlet" in predictions:
         predictions = {**predictions, "predictive": predictions["dirichlet"]}  # EnD²: the Dirichlet's mean
+    if "predictive" in predictions and "expected_entropy" in predictions and "mutual_information" not in predictions:
+        # a student with both heads also has knowledge uncertainty H[E p] − E H[p] (clipped at 0)
+        total = metrics.total_uncertainty(np.asarray(predictions["predictive"], dtype=np.float64))
+        mi = np.clip(total - np.asarray(predictions["expected_entropy"], dtype=np.float64).reshape(-1), 0, None)
+        predictions = {**predictions, "mutual_information": mi}
     if "predictive" in predictions:
         probs = np.asarray(predictions["predictive"], dtype=np.float64)
         scores.update(metrics.classification_report(probs, labels))

@@ -33,7 +33,6 @@ from ..config import RunConfig, save_config
 from ..core.chain import evaluate_logits
 from ..core.distill import EnsembleAccumulator
 from ..core.evaluate import ensemble_scores, student_scores, summary_table
-from ..core.expectations import entropy_of
 from ..core.models import load_flat_parameters
 from ..errors import GpedError
 from ..log import setup_logging
@@ -236,9 +235,6 @@ class CoordinatorRole:
             preds["predictive"] = np.asarray(msg.probs, dtype=np.float64)
         if msg.entropy.shape[0]:
             preds["expected_entropy"] = np.asarray(msg.entropy, dtype=np.float64)
-        if len(preds) == 2:
-            total = entropy_of(torch.from_numpy(preds["predictive"])).numpy()
-            preds["mutual_information"] = np.clip(total - preds["expected_entropy"], 0, None)
         n = len(self.test_y)
         if any(len(v) != n for v in preds.values()):
             raise ValueError(f"report has predictions for {[len(v) for v in preds.values()]} inputs, test set has {n}")
