@@ -64,8 +64,10 @@ def register(main: click.Group) -> None:
     @run_dir_option
     @click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False), help="Resume the run in this directory.")
     @click.option("--timeout", default=0.0, type=float, help="Stop the run after this many seconds (0: no limit).")
+    @click.option("--pin/--no-pin", default=True, show_default=True,
+                  help="Give the sampler `threads` cores of its own and the other roles the rest (Linux).")
     @_fail_cleanly
-    def run(config, overrides, run_dir, resume_dir, timeout):
+    def run(config, overrides, run_dir, resume_dir, timeout, pin):
         """Launch coordinator, sampler and students as local processes and wait for them."""
         from pathlib import Path
 
@@ -74,7 +76,7 @@ def register(main: click.Group) -> None:
         if resume_dir:
             config = config or str(Path(resume_dir) / "config.json")
             run_dir = run_dir or resume_dir
-        code = launch(_load(config, overrides, run_dir), resume=bool(resume_dir), timeout_s=timeout)
+        code = launch(_load(config, overrides, run_dir), resume=bool(resume_dir), timeout_s=timeout, pin=pin)
         raise SystemExit(code)
 
     @main.command()

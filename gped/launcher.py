@@ -6,6 +6,12 @@ in its own session (so a terminal's Ctrl-C reaches the launcher only, which forw
 the sampler gets the first one, the students share the rest round-robin (all share the one GPU when
 there is only one); without CUDA every role runs on the CPU (the loopback mode).
 
+Cores: the sampler's chain is the critical path, so the sampler gets ``threads`` cores of its own
+(the first ones this process may use) and every other role shares the rest (``cpu_plan``); ZeroMQ's
+I/O threads inherit their role's cores. Left to the scheduler, a student woken by a sample lands on
+the sampler's core as often as not and the chain waits. ``--no-pin`` turns this off; with a single
+usable core nothing is pinned.
+
 Shutdown: when the coordinator exits, the others get ``shutdown_grace_s`` to finish, then SIGTERM,
 then SIGKILL. A role that fails early (refused at handshake, bad data) stops the whole run.
 """
@@ -47,7 +53,27 @@ def gpu_plan(num_gpus: int, students: list[str]) -> dict[str, str | None]:
     return plan
 
 
+def cpu_plan(cpus: list[int], sampler_threads: int, labels: list[str]) -> dict[str, list[int] | None]:
+    """Cores per role: the sampler gets its first ``sampler_threads`` (at least one, and at least one
+    core is left for the others); every other label shares the rest. None everywhere: no pinning."""
+    cpus = sorted(cpus)
+    if len(cpus) < 2:
+        return {"sampler": None, **{label: None for label in labels}}
+    k = max(1, min(int(sampler_threads), len(cpus) - 1))
+    return {"sampler": cpus[:k], **{label: cpus[k:] for label in labels}}
+
+
+def _usable_cpus() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux: leave placement to the OS
+        return []
+
+
 def _count_gpus() -> int:
+    # no GPU device node, no GPU: spares the launcher a torch import (a second or more on a small box)
+    if not any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")):
+        return 0
     try:
         import torch
 
@@ -66,12 +92,28 @@ def _die_with_parent() -> None:
         pass
 
 
-def _spawn(label: str, args: list[str], gpu: str | None, resume: bool) -> Child:
+def child_setup(cores: list[int] | None):
+    """What a child runs before exec: die with the launcher, and keep to ``cores`` (if given)."""
+
+    def setup() -> None:
+        _die_with_parent()
+        if cores:
+            try:
+                os.sched_setaffinity(0, cores)
+            except (AttributeError, OSError):  # a container that forbids it: run unpinned
+                pass
+
+    return setup
+
+
+def _spawn(label: str, args: list[str], gpu: str | None, resume: bool, cores: list[int] | None = None) -> Child:
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = gpu if gpu is not None else ""
     cmd = [sys.executable, "-m", "gped", *args] + (["--resume"] if resume else [])
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
-    log.info("started %s (pid %d)%s", label, proc.pid, f" on GPU {gpu}" if gpu is not None else "")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=child_setup(cores))
+    where = [f"GPU {gpu}"] if gpu is not None else []
+    where += [f"cores {','.join(map(str, cores))}"] if cores else []
+    log.info("started %s (pid %d)%s", label, proc.pid, f" on {', '.join(where)}" if where else "")
     return Child(label, proc)
 
 
@@ -97,7 +139,7 @@ def _reap(children: list[Child], grace_s: float) -> None:
             return
 
 
-def launch(cfg: RunConfig, resume: bool = False, timeout_s: float = 0.0, grace_s: float = SHUTDOWN_GRACE_S) -> int:
+def launch(cfg: RunConfig, resume: bool = False, timeout_s: float = 0.0, grace_s: float = SHUTDOWN_GRACE_S, pin: bool = True) -> int:
     setup_logging("launcher")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +149,9 @@ def launch(cfg: RunConfig, resume: bool = False, timeout_s: float = 0.0, grace_s
     num_gpus = _count_gpus()
     names = [s.name for s in cfg.students]
     plan = gpu_plan(num_gpus, names)
-    log.info("run %r in %s: %d students, %s", cfg.name, run_dir, len(names), f"{num_gpus} GPUs" if num_gpus else "CPU loopback mode")
+    cores = cpu_plan(_usable_cpus() if pin else [], cfg.threads, ["coordinator", *names])
+    log.info("run %r in %s: %d students, %s, %s", cfg.name, run_dir, len(names), f"{num_gpus} GPUs" if num_gpus else "CPU loopback mode",
+             f"sampler on cores {cores['sampler']}, the others on {cores['coordinator']}" if cores["sampler"] else "roles not pinned to cores")
     base = [str(resolved)]
     interrupted: list[int] = []
 
@@ -119,13 +163,13 @@ def launch(cfg: RunConfig, resume: bool = False, timeout_s: float = 0.0, grace_s
     old_hup = signal.signal(signal.SIGHUP, forward)  # a dropped ssh session must not orphan the run
     children: list[Child] = []
     try:
-        coordinator = _spawn("coordinator", ["coordinator", *base], None, resume)
+        coordinator = _spawn("coordinator", ["coordinator", *base], None, resume, cores["coordinator"])
         children.append(coordinator)
         for name in names:
             device = "--device=cuda" if plan[name] is not None else "--device=cpu"
-            children.append(_spawn(f"student {name}", ["student", *base, "--name", name, device], plan[name], resume))
+            children.append(_spawn(f"student {name}", ["student", *base, "--name", name, device], plan[name], resume, cores[name]))
         device = "--device=cuda" if plan["sampler"] is not None else "--device=cpu"
-        children.append(_spawn("sampler", ["sampler", *base, device], plan["sampler"], resume))
+        children.append(_spawn("sampler", ["sampler", *base, device], plan["sampler"], resume, cores["sampler"]))
         start = time.monotonic()
         forwarded = False
         failed: Child | None = None
