@@ -6,6 +6,7 @@ Each test is bounded in time, and checks that no process of the run is left and 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 
@@ -34,6 +35,8 @@ def test_loopback_run_matches_reference_and_students_learn(small_run, mode):
     assert code == 0, out[-4000:]
     run_dir = cfg.run_dir and __import__("pathlib").Path(cfg.run_dir)
     assert_clean(str(run_dir), cfg.coordinator.port)
+    if len(os.sched_getaffinity(0)) >= 2:  # the launcher gives the sampler a core of its own
+        assert re.search(r"started sampler \(pid \d+\) on cores \d", out) and re.search(r"started student pred \(pid \d+\) on cores \d", out)
 
     # the summary table is printed, with the ensemble and both students
     assert "| teacher ensemble |" in out and "| pred |" in out and "| ent |" in out
@@ -64,6 +67,35 @@ def test_loopback_run_matches_reference_and_students_learn(small_run, mode):
             assert torch.allclose(state["model"][key], value, atol=1e-6), (name, key)
     coord = load_checkpoint(run_dir / "checkpoints" / "coordinator-coordinator.pt")["role"]
     assert torch.allclose(coord["ensemble"]["sum_probs"], ref.ensemble.sum_probs, atol=1e-9)
+
+
+def test_sampler_started_first_burns_in_while_waiting_and_the_run_is_unchanged(small_run, tmp_path):
+    path = small_run(steps=300)
+    cfg = load_config(path)
+    run_dir = tmp_path / "run"
+    procs = [spawn("sampler", str(path))]
+    try:
+        time.sleep(3.0)  # alone: no coordinator to answer its hello yet
+        assert procs[0].poll() is None
+        procs += [spawn("coordinator", str(path)), spawn("student", str(path), "--name", "pred"),
+                  spawn("student", str(path), "--name", "ent")]
+        outputs = [finish(p, timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for code, out in outputs:
+        assert code == 0, out[-3000:]
+    assert "burn-in: 100 steps taken while the others started" in outputs[0][1], outputs[0][1][-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["samples"] == 20 and all(m["missed"] == 0 and m["samples"] == 20 for m in summary["students"].values())
+    ref = ReferenceRun(cfg)
+    while ref.chain.step < cfg.sampler.steps:
+        ref.step()
+    sampler_state = load_checkpoint(run_dir / "checkpoints" / "sampler-sampler.pt")["role"]
+    for key, value in ref.chain.model.state_dict().items():
+        assert torch.equal(sampler_state["chain"]["model"][key], value), key
+    assert_clean(str(run_dir), cfg.coordinator.port)
 
 
 def test_second_sampler_with_other_config_is_refused_and_student_waits(small_run, tmp_path):

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import zmq
 
@@ -74,11 +75,14 @@ def make_hello(cfg: RunConfig, role: str, name: str, fingerprint: str, resume_st
     )
 
 
-def handshake(control: Channel, hello: Hello, cfg: RunConfig, stop: StopFlag, log: logging.Logger) -> Welcome:
+def handshake(control: Channel, hello: Hello, cfg: RunConfig, stop: StopFlag, log: logging.Logger,
+              idle: Callable[[], bool] | None = None) -> Welcome:
     """Say hello to the coordinator until it answers; raise GpedError if refused or given up.
 
     The hello is re-sent every ``peer_timeout_s`` (a coordinator that starts later, or restarts,
-    still gets one); after ``give_up_s`` without an answer the role stops cleanly.
+    still gets one); after ``give_up_s`` without an answer the role stops cleanly. ``idle()``, if
+    given, is called between looks at the socket and says whether it did some work; while it does,
+    the socket is only checked, not waited on (the sampler burns in meanwhile).
     """
     start = time.monotonic()
     give_up = cfg.coordinator.give_up_s
@@ -86,7 +90,8 @@ def handshake(control: Channel, hello: Hello, cfg: RunConfig, stop: StopFlag, lo
         control.send(hello)
         deadline = time.monotonic() + cfg.coordinator.peer_timeout_s
         while time.monotonic() < deadline and not stop:
-            got = control.recv(timeout_ms=200)
+            busy = idle() if idle is not None else False
+            got = control.recv(timeout_ms=0 if busy else 200)
             if got is None or got[1] is None:
                 continue
             msg = got[1]
@@ -151,9 +156,17 @@ def checkpoint_path(cfg: RunConfig, role: str, name: str) -> Path:
     return Path(cfg.run_dir) / "checkpoints" / f"{role}-{name}.pt"
 
 
-def close_all(ctx: zmq.Context, *sockets: zmq.Socket, security=None) -> None:
+#: linger after a clean finish: everything that mattered was sent and answered, and what is left
+#: queued is for peers that are gone (a Stop to an exited sampler, a reconnecting subscription);
+#: waiting the full LINGER_MS for it only delays the exit
+CLEAN_LINGER_MS = 100
+
+
+def close_all(ctx: zmq.Context, *sockets: zmq.Socket, security=None, linger_ms: int | None = None) -> None:
+    """Close the sockets (waiting up to ``linger_ms`` for queued messages, default: the socket's
+    own LINGER), the CURVE authenticator and the context."""
     for sock in sockets:
-        sock.close()
+        sock.close(linger=linger_ms)
     if security is not None:
         security.close()
     ctx.term()

@@ -39,7 +39,7 @@ from ..log import setup_logging
 from ..runtime import build_teacher_for, load_data, set_threads
 from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, Addresses, Channel, Security, bind, make_socket
 from ..wire import PROTOCOL_VERSION, Heartbeat, Hello, Message, Params, Report, Start, Stop, Welcome
-from .common import BUSY, HELLO_FIRST, STREAM_ENDED, Every, StopFlag, checkpoint_path, checkpoint_state, close_all, load_role_checkpoint, restore
+from .common import BUSY, CLEAN_LINGER_MS, HELLO_FIRST, STREAM_ENDED, Every, StopFlag, checkpoint_path, checkpoint_state, close_all, load_role_checkpoint, restore
 
 log = logging.getLogger("gped.coordinator")
 
@@ -339,6 +339,7 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
         sub.setsockopt(zmq.SUBSCRIBE, topic)
     control = Channel(router, "coordinator", log)
     samples = Channel(sub, "coordinator", log)
+    linger = None
     try:
         bind(router, addresses.control_bind, cfg.coordinator, "the control socket")
         sub.connect(addresses.samples)
@@ -351,6 +352,7 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
         log.info("run %r in %s; control on %s; %d students configured; data %s", cfg.name, run_dir, addresses.control_bind,
                  len(cfg.students), data.fingerprint)
         _loop(role, control, samples, cfg, stop, lambda: save_checkpoint(ckpt, checkpoint_state(cfg, data.fingerprint, role.state_dict())))
+        linger = CLEAN_LINGER_MS  # every peer has had its Stop (and 0.2 s to read it)
         table = role.write_summary()
         log.info("summary (%s):\n%s", run_dir / "summary.md", table)
         return 0
@@ -358,7 +360,7 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
         log.error("%s", exc)
         return 2
     finally:
-        close_all(ctx, router, sub, security=security)
+        close_all(ctx, router, sub, security=security, linger_ms=linger)
 
 
 def _loop(role: CoordinatorRole, control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, checkpoint) -> None:

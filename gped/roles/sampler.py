@@ -57,6 +57,18 @@ class SamplerRole:
     def done(self) -> bool:
         return self.chain.step >= self.cfg.sampler.steps
 
+    def burn_in(self, steps: int = 10) -> bool:
+        """Take up to ``steps`` burn-in steps; False once burn-in is over (or the budget is spent).
+
+        Burn-in publishes nothing, so it needs no listener: the sampler runs it while the
+        coordinator and students are still starting, instead of after they are ready. The chain is
+        the same whenever its steps are taken, so the run is unchanged (and equals the reference).
+        """
+        n = min(steps, self.cfg.sampler.burn_in - self.chain.step, self.cfg.sampler.steps - self.chain.step)
+        for _ in range(max(0, n)):
+            self.last_nll = self.chain.advance()
+        return n > 0
+
     def step(self) -> bool:
         """One chain step; on a posterior sample, publish it. Returns whether a sample went out."""
         self.last_nll = self.chain.advance()
@@ -117,11 +129,15 @@ def run(cfg: RunConfig, resume: bool = False, device: str | None = None) -> int:
             restore(role, state, ckpt)
             log.info("resumed from %s at step %d", ckpt, role.chain.step)
         hello = make_hello(cfg, "sampler", "sampler", data.fingerprint, role.chain.step)
-        welcome = handshake(control, hello, cfg, stop, log)
+        early = role.chain.step
+        log.info("chain ready at step %d; saying hello to the coordinator at %s (burn-in runs meanwhile)", early, addresses.control)
+        welcome = handshake(control, hello, cfg, stop, log, idle=role.burn_in)
         bind(pub_sock, addresses.samples_bind, cfg.coordinator, "the sample stream")
         log.info("accepted by the coordinator (run dir %s); publishing on %s; waiting for the start signal", welcome.run_dir, addresses.samples_bind)
-        if not _wait_for_start(control, samples, cfg, stop, hello):
+        if not _wait_for_start(control, samples, cfg, stop, hello, idle=role.burn_in):
             return 0
+        if role.chain.step > early:
+            log.info("burn-in: %d steps taken while the others started", role.chain.step - early)
         log.info("started: %s mode, %d steps, burn-in %d, thin %d, device %s", cfg.sampler.mode, cfg.sampler.steps, cfg.sampler.burn_in, cfg.sampler.thin, dev)
         _loop(role, control, samples, cfg, stop, ckpt, data.fingerprint)
         return 0
@@ -136,9 +152,11 @@ def run(cfg: RunConfig, resume: bool = False, device: str | None = None) -> int:
         close_all(ctx, control_sock, pub_sock, security=security)
 
 
-def _wait_for_start(control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, hello) -> bool:
+def _wait_for_start(control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, hello,
+                    idle: Callable[[], bool] | None = None) -> bool:
     """Publish heartbeats (so subscribers can tell they are connected) until the coordinator says
-    start; heartbeat the coordinator too, say hello again if it restarted, give up after give_up_s."""
+    start; heartbeat the coordinator too, say hello again if it restarted, give up after give_up_s.
+    ``idle()`` (burn-in) runs between looks at the socket while it has work."""
     beat = Every(min(cfg.coordinator.heartbeat_s, 0.2))
     last_heard = time.monotonic()
     status = {"state": "waiting", "pid": os.getpid()}
@@ -146,7 +164,8 @@ def _wait_for_start(control: Channel, samples: Channel, cfg: RunConfig, stop: St
         if beat():
             samples.send(Heartbeat(role="sampler", name="sampler", status=status), [TOPIC_CONTROL])
             control.send(Heartbeat(role="sampler", name="sampler", status=status))
-        got = control.recv(timeout_ms=50)
+        busy = idle() if idle is not None else False
+        got = control.recv(timeout_ms=0 if busy else 50)
         if got and got[1] is not None:
             last_heard = time.monotonic()
             if isinstance(got[1], Start):

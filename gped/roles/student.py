@@ -33,7 +33,7 @@ from ..log import Progress, setup_logging
 from ..runtime import build_teacher_for, load_data, pick_device, set_threads
 from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, TOPIC_TARGETS, Addresses, Channel, Security, make_socket
 from ..wire import Heartbeat, Message, Params, Report, Stop, Targets
-from .common import (STREAM_ENDED, Every, restore, StopFlag, checkpoint_path, checkpoint_state, close_all, handshake, is_rehello,
+from .common import (CLEAN_LINGER_MS, STREAM_ENDED, Every, restore, StopFlag, checkpoint_path, checkpoint_state, close_all, handshake, is_rehello,
                      load_role_checkpoint, make_hello)
 
 log = logging.getLogger("gped.student")
@@ -148,6 +148,7 @@ def run(cfg: RunConfig, name: str, resume: bool = False, device: str | None = No
     sub_sock.connect(addresses.samples)  # subscribe before the handshake: no slow-joiner loss
     control = Channel(control_sock, f"student:{name}", log)
     samples = Channel(sub_sock, f"student:{name}", log)
+    linger = None
     try:
         role = StudentRole(cfg, student, data, dev, control.send)
         ckpt = checkpoint_path(cfg, "student", name)
@@ -159,13 +160,14 @@ def run(cfg: RunConfig, name: str, resume: bool = False, device: str | None = No
         handshake(control, hello, cfg, stop, log)
         log.info("accepted; distilling %s with %s estimator on %s; waiting for samples from %s",
                  ",".join(student.expectations), student.estimator, dev, addresses.samples)
-        _loop(role, control, samples, cfg, stop, lambda: save_checkpoint(ckpt, checkpoint_state(cfg, data.fingerprint, role.state_dict())), hello)
+        if _loop(role, control, samples, cfg, stop, lambda: save_checkpoint(ckpt, checkpoint_state(cfg, data.fingerprint, role.state_dict())), hello):
+            linger = CLEAN_LINGER_MS  # the coordinator has our final report and said stop: nothing left to deliver
         return 0
     except GpedError as exc:
         log.error("%s", exc)
         return 2
     finally:
-        close_all(ctx, control_sock, sub_sock, security=security)
+        close_all(ctx, control_sock, sub_sock, security=security, linger_ms=linger)
 
 
 DEFAULT_SUB_HWM = 1000
@@ -193,10 +195,11 @@ def _drain(samples: Channel, first: Params, every: int) -> tuple[Params, int, in
     return newest, sum(1 for m in queued if m.sample < newest.sample), queued[-1].sample, end
 
 
-def _loop(role: StudentRole, control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, checkpoint, hello) -> None:
+def _loop(role: StudentRole, control: Channel, samples: Channel, cfg: RunConfig, stop: StopFlag, checkpoint, hello) -> bool:
     """Consume samples until the sampler's end of stream. On a stop request keep consuming what the
     sampler still sends until its end-of-stream marker (at most ``peer_timeout_s``), so that every
-    role's checkpoint covers the same samples and a resumed run continues exactly."""
+    role's checkpoint covers the same samples and a resumed run continues exactly. Returns whether
+    the coordinator confirmed the end (its Stop after our final report)."""
     coord = cfg.coordinator
     beat, warn = Every(coord.heartbeat_s), Every(coord.peer_timeout_s)
     progress = Progress(log, 5.0, unit="sample")
@@ -273,20 +276,21 @@ def _loop(role: StudentRole, control: Channel, samples: Channel, cfg: RunConfig,
     final = role.report(final=pending_final)
     control.send(Heartbeat(role="student", name=role.student.name, status={**role.status(), "state": "done"}))
     progress.update(role.samples, force=True, missed=role.missed, superseded=role.superseded, **role.losses)
-    _await_stop(control, final, hello, coord.peer_timeout_s)
+    return _await_stop(control, final, hello, coord.peer_timeout_s)
 
 
-def _await_stop(control: Channel, final: Report, hello, timeout_s: float) -> None:
+def _await_stop(control: Channel, final: Report, hello, timeout_s: float) -> bool:
     """Wait (bounded) for the coordinator's Stop, which it sends once it has every final report;
     a coordinator that restarted meanwhile asks for a handshake, then gets the report again."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = control.recv(timeout_ms=100)
         if got and isinstance(got[1], Stop):
-            return
+            return True
         if got and is_rehello(got[1]):
             control.send(hello)
             control.send(final)
+    return False
 
 
 def main(cfg: RunConfig, name: str, resume: bool = False, device: str | None = None) -> None:
