@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-FORMAT = "%(asctime)s %(levelname).1s [{role} pid={pid}] %(name)s: %(message)s"
+FORMAT = "%(asctime)s.%(msecs)03d %(levelname).1s [{role} pid={pid}] %(name)s: %(message)s"
 
 
 def setup_logging(role: str, level: str | int = "INFO", stream=None) -> logging.Logger:

@@ -32,7 +32,6 @@ import sys
 from typing import Any, NamedTuple
 
 import numpy as np
-from sklearn.metrics import ndcg_score, roc_auc_score, roc_curve
 
 __all__ = [
     "EPS",
@@ -345,6 +344,8 @@ def auroc(scores_in: Any, scores_out: Any) -> float:
     1 is perfect separation, 0.5 is chance.
     """
     labels, scores = _ood_labels_and_scores(scores_in, scores_out)
+    from sklearn.metrics import roc_auc_score  # imported here: sklearn costs a role ~1 s to load
+
     return float(roc_auc_score(labels, scores))
 
 
@@ -357,6 +358,8 @@ def roc_curve_points(
     fraction of OOD inputs; for plotting ``tpr`` against ``fpr``.
     """
     labels, scores = _ood_labels_and_scores(scores_in, scores_out)
+    from sklearn.metrics import roc_curve  # imported here: sklearn costs a role ~1 s to load
+
     fpr, tpr, thresholds = roc_curve(labels, scores)
     return fpr, tpr, thresholds
 
@@ -392,6 +395,8 @@ def ndcg_at_k(reference_scores: Any, predicted_scores: Any, k: int = 20) -> floa
     _same_shape(ref, pred, "reference_scores", "predicted_scores")
     if ref.size < 2:
         raise ValueError("nDCG needs at least 2 items")
+    from sklearn.metrics import ndcg_score  # imported here: sklearn costs a role ~1 s to load
+
     return float(ndcg_score(ref[None, :], pred[None, :], k=k))
 
 
@@ -418,6 +423,8 @@ def ranking_ndcg(
         raise ValueError(f"subset must be an integer in [2, {ref.size}], got {subset!r}")
     if int(draws) != draws or draws < 1:
         raise ValueError(f"draws must be a positive integer, got {draws!r}")
+    from sklearn.metrics import ndcg_score  # imported here: sklearn costs a role ~1 s to load
+
     rng = np.random.default_rng(seed)
     scores = np.empty(int(draws))
     for d in range(int(draws)):
