@@ -71,12 +71,15 @@ def _distributed(config: Path, run_dir: Path, device: str, timeout_s: float) -> 
         raise RuntimeError(f"gped run failed ({code}):\n{proc.tail()}")
     proc.stop()
     summary = json.loads((run_dir / "summary.json").read_text())
-    began, ended = proc.first_line("gped.sampler: started:"), proc.first_line("gped.coordinator: summary (")
+    # the chain starts before the handshake (burn-in needs no listener) and streams after the start signal
+    began, ended = proc.first_line("gped.sampler: chain ready at step"), proc.first_line("gped.coordinator: summary (")
+    streaming = proc.first_line("gped.sampler: started:")
     spawned = proc.first_line("started coordinator")
     # where the time outside the run phase goes, from the arrival times of the roles' log lines
     phases = {
-        "launcher_before_spawn_s": spawned - start if spawned else None,  # imports, data, GPU count
-        "roles_until_streaming_s": began - spawned if began and spawned else None,  # role imports, data, handshake, start signal
+        "launcher_before_spawn_s": spawned - start if spawned else None,  # imports, config, data, GPU count
+        "sampler_startup_s": began - spawned if began and spawned else None,  # the sampler's imports, data, model
+        "burn_in_overlap_s": streaming - began if streaming and began else None,  # burn-in while the others start, then the start signal
         "after_summary_s": start + wall - ended if ended else None,  # final reports, stop, reaping
     }
     students = {name: {"updates": m.get("updates"), "missed": m.get("missed"), "samples": m.get("samples")}
@@ -153,7 +156,7 @@ def _int(value) -> str:
 
 COLUMNS = ["mode", "steps", "samples_ref", "samples_dist", "updates_ref", "updates_dist", "missed_dist", "wall_ref_s", "wall_dist_s",
            "speedup_wall", "run_ref_s", "run_dist_s", "speedup_run", "outside_ref_s", "outside_dist_s", "launcher_before_spawn_s",
-           "roles_until_streaming_s", "after_summary_s"]
+           "sampler_startup_s", "burn_in_overlap_s", "after_summary_s"]
 QUALITY_COLUMNS = ["mode", "model", "metric", "reference", "distributed", "difference"]
 
 
@@ -162,8 +165,10 @@ def render(result: dict[str, Any]) -> str:
     quality = table(result["quality"], QUALITY_COLUMNS, "end to end: student quality from each run's summary.json")
     return (f"{head}\n\nspeedup = reference time / distributed time (> 1: the distributed run is faster); wall: the whole "
             f"command; run: the run phase alone (no start-up); outside: wall minus run (process start-up, imports, data, "
-            f"handshake, shutdown), for the distributed run split into the launcher's work before it spawns the roles, the roles' "
-            f"start until the sampler streams, and the end after the coordinator's summary.\n\n{quality}")
+            f"handshake, shutdown). The distributed run phase starts when the sampler's chain does (it burns in while the "
+            f"others start); outside it: the launcher's work before it spawns the roles, the sampler's own start-up, and the "
+            f"end after the coordinator's summary. burn_in_overlap: from the chain's start to the start signal (burn-in, "
+            f"then any wait for the students), inside the run phase.\n\n{quality}")
 
 
 def main(argv: list[str] | None = None) -> None:
