@@ -37,6 +37,10 @@ class Progress:
         self._last_time = time.monotonic()
         self._last_count = 0
 
+    def due(self) -> bool:
+        """Whether the next :meth:`update` will log (so costly fields are computed only then)."""
+        return time.monotonic() - self._last_time >= self.interval_s
+
     def update(self, count: int, force: bool = False, **fields) -> bool:
         now = time.monotonic()
         if not force and now - self._last_time < self.interval_s:

@@ -30,7 +30,15 @@ def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gen
     return gen
 
 
+#: on CUDA the chain looks at its minibatch loss (a device-to-host copy, which waits for the GPU)
+#: only every this many steps and at posterior samples; on the CPU it looks at every step
+CUDA_CHECK_EVERY = 50
+
+
 class TeacherChain:
+    """The teacher's chain. Nothing in :meth:`advance` waits for the GPU: the minibatch order is
+    uploaded once per epoch and the loss is checked on the host every ``CUDA_CHECK_EVERY`` steps."""
+
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SamplerConfig, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -51,33 +59,52 @@ class TeacherChain:
         )
         self.step = 0
         self._perm = torch.randperm(self.num_train, generator=self.order_rng)
+        self._perm_on_device: torch.Tensor | None = None
         self._pos = 0
+        self._loss = torch.tensor(float("nan"))
+        self._check_every = CUDA_CHECK_EVERY if self.device.type == "cuda" else 1
 
     def _next_batch(self) -> torch.Tensor:
         if self._pos + self.batch_size > self.num_train:
             self._perm = torch.randperm(self.num_train, generator=self.order_rng)
+            self._perm_on_device = None
             self._pos = 0
-        idx = self._perm[self._pos : self._pos + self.batch_size]
+        if self._perm_on_device is None:  # once per epoch, not once per step
+            self._perm_on_device = self._perm.to(self.device)
+        idx = self._perm_on_device[self._pos : self._pos + self.batch_size]
         self._pos += self.batch_size
-        return idx.to(self.device)
+        return idx
 
-    def advance(self) -> float:
-        """One sampler step; returns the minibatch's mean negative log-likelihood."""
+    @property
+    def last_loss(self) -> float:
+        """The last step's minibatch mean negative log-likelihood (waits for the GPU)."""
+        return float(self._loss)
+
+    def _check(self, step: int) -> None:
+        """Raise GpedError if the last minibatch loss is not finite (the chain has diverged)."""
+        loss = self.last_loss
+        if not math.isfinite(loss):
+            raise GpedError(
+                f"the chain diverged by step {step} (minibatch NLL {loss}); lower sampler.step_size "
+                f"(now {self.cfg.step_size}) or raise sampler.prior_precision"
+            )
+
+    def advance(self) -> None:
+        """One sampler step. The loss is checked before the update on the CPU; on CUDA every
+        ``CUDA_CHECK_EVERY`` steps and at each sample (a diverged chain is caught a few steps late)."""
         idx = self._next_batch()
         self.model.train()
         logits = self.model(self.x[idx])
         mean_nll = F.cross_entropy(logits, self.y[idx])
         self.model.zero_grad(set_to_none=False)
         (mean_nll * self.num_train).backward()  # (N/M)·Σ = N·mean
-        loss = float(mean_nll.detach())
-        if not math.isfinite(loss):
-            raise GpedError(
-                f"the chain diverged at step {self.step + 1} (minibatch NLL {loss}); lower sampler.step_size "
-                f"(now {self.cfg.step_size}) or raise sampler.prior_precision"
-            )
+        self._loss = mean_nll.detach()
+        if (self.step + 1) % self._check_every == 0:
+            self._check(self.step + 1)  # before the update: a diverged step never reaches θ
         self.sampler.step()
         self.step += 1
-        return loss
+        if self._check_every > 1 and self.is_sample():
+            self._check(self.step)
 
     def is_sample(self) -> bool:
         """Whether the current θ is a posterior sample: past burn-in and on the thinning grid."""
@@ -105,6 +132,7 @@ class TeacherChain:
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self._perm = state["perm"].clone()
+        self._perm_on_device = None
         self._pos = int(state["pos"])
         self.order_rng.set_state(state["order_rng"])
         self.noise_rng.set_state(state["noise_rng"])

@@ -4,7 +4,9 @@ After burn-in, every H steps, it publishes the teacher's parameters (topic ``p``
 builds the ensemble from them, params-mode students distil from them) and, in targets mode, the
 teacher's logits on a distillation batch drawn from its own seeded stream (topic ``t``: indices
 and a noise seed, never the inputs). Publishing never blocks the chain: a full queue drops for the
-slow subscriber, who sees the gap in sequence numbers.
+slow subscriber, who sees the gap in sequence numbers. Nor does copying it off the GPU: a sample is
+staged (pinned host memory, a side stream, an event; :mod:`gped.staging`) and published once its
+copy has landed, while the chain goes on; checkpoints and the end of the stream wait for it.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from typing import Callable
 
-import numpy as np
 import torch
 import zmq
 
@@ -27,6 +29,7 @@ from ..core.models import flat_parameters
 from ..errors import GpedError
 from ..log import Progress, setup_logging
 from ..runtime import TARGETS_STREAM_OFFSET, build_teacher_for, load_data, pick_device, set_threads
+from ..staging import HostStager
 from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, TOPIC_TARGETS, Addresses, Channel, Security, bind, make_socket
 from ..wire import Heartbeat, Message, Params, Start, Stop, Targets
 from .common import (Every, restore, StopFlag, checkpoint_path, checkpoint_state, close_all, handshake, is_rehello,
@@ -51,7 +54,13 @@ class SamplerRole:
         self.stream = DistillStream(len(data.train_x), cfg.sampler.distill_batch, cfg.sampler.seed + TARGETS_STREAM_OFFSET)
         self.samples_sent = 0
         self.send_failures = 0
-        self.last_nll = float("nan")
+        self.stager = HostStager(device)
+        self._pending: deque = deque()
+
+    @property
+    def last_nll(self) -> float:
+        """The last minibatch NLL (a GPU sync: read it for status lines, not every step)."""
+        return self.chain.last_loss
 
     @property
     def done(self) -> bool:
@@ -66,36 +75,52 @@ class SamplerRole:
         """
         n = min(steps, self.cfg.sampler.burn_in - self.chain.step, self.cfg.sampler.steps - self.chain.step)
         for _ in range(max(0, n)):
-            self.last_nll = self.chain.advance()
+            self.chain.advance()
         return n > 0
 
-    def step(self) -> bool:
-        """One chain step; on a posterior sample, publish it. Returns whether a sample went out."""
-        self.last_nll = self.chain.advance()
-        if not self.chain.is_sample():
-            return False
+    def step(self) -> int:
+        """One chain step; on a posterior sample, stage it for publishing. Returns how many samples
+        went out (staged samples leave once their device-to-host copies have landed: at once on
+        the CPU, a few steps later on CUDA, while the chain goes on)."""
+        self.chain.advance()
+        if self.chain.is_sample():
+            self._stage_sample()
+        return self.flush() if self._pending else 0
+
+    def _stage_sample(self) -> None:
         step, sample = self.chain.step, self.chain.sample_id
         flat = flat_parameters(self.chain.model)
-        if not torch.isfinite(flat).all():
-            raise GpedError(f"the chain diverged by step {step} (non-finite parameters); lower sampler.step_size")
-        flat = flat.cpu().numpy()
-        ok = self.publish(TOPIC_PARAMS, Params(step=step, sample=sample, numel=flat.size, params=flat))
+        tensors = {"params": flat, "finite": torch.isfinite(flat).all()}  # checked on the device, read with the copy
+        extra: dict = {}
         if self.cfg.sampler.mode == "targets":
             indices, noise_seed = self.stream.next()
             inputs = distill_inputs(self.train_x, indices.to(self.device), noise_seed, self.cfg.data.distill_noise)
-            logits = evaluate_logits(self.chain.model, inputs).cpu().numpy().astype(np.float32, copy=False)
-            ok &= self.publish(
-                TOPIC_TARGETS,
-                Targets(step=step, sample=sample, noise_seed=noise_seed, indices=indices.numpy(), logits=logits),
-            )
-        self.samples_sent += 1
-        self.send_failures += not ok
-        return True
+            tensors["logits"] = evaluate_logits(self.chain.model, inputs).float()
+            extra = {"indices": indices.numpy(), "noise_seed": noise_seed}
+        self._pending.append((step, sample, self.stager.stage(tensors), extra))
+
+    def flush(self, wait: bool = False) -> int:
+        """Publish the staged samples whose copies have landed, oldest first (with ``wait``: all)."""
+        sent = 0
+        while self._pending and (wait or self._pending[0][2].ready()):
+            step, sample, staged, extra = self._pending.popleft()
+            arrays = staged.arrays()
+            if not bool(arrays["finite"]):
+                raise GpedError(f"the chain diverged by step {step} (non-finite parameters); lower sampler.step_size")
+            flat = arrays["params"]
+            ok = self.publish(TOPIC_PARAMS, Params(step=step, sample=sample, numel=flat.size, params=flat))
+            if "logits" in arrays:
+                ok &= self.publish(TOPIC_TARGETS, Targets(step=step, sample=sample, logits=arrays["logits"], **extra))
+            self.samples_sent += 1
+            self.send_failures += not ok
+            sent += 1
+        return sent
 
     def status(self) -> dict:
         return {"step": self.chain.step, "samples": self.samples_sent, "send_failures": self.send_failures, "nll": round(self.last_nll, 5)}
 
     def state_dict(self) -> dict:
+        self.flush(wait=True)  # a checkpoint covers every sample up to the chain's step
         return {"chain": self.chain.state_dict(), "stream": self.stream.state_dict(), "samples_sent": self.samples_sent}
 
     def load_state_dict(self, state: dict) -> None:
@@ -187,9 +212,11 @@ def _loop(role: SamplerRole, control: Channel, samples: Channel, cfg: RunConfig,
     poll = Every(0.05)
     progress = Progress(log, 5.0, unit="step")
     every_ckpt = cfg.coordinator.checkpoint_every
+    next_ckpt = (role.samples_sent // every_ckpt + 1) * every_ckpt
     while not stop and not role.done:
-        if role.step() and role.samples_sent % every_ckpt == 0:
+        if role.step() and role.samples_sent >= next_ckpt:  # one flush may publish more than one sample
             save_checkpoint(ckpt, checkpoint_state(cfg, fingerprint, role.state_dict()))
+            next_ckpt = (role.samples_sent // every_ckpt + 1) * every_ckpt
         if poll():
             got = control.recv()
             if got and isinstance(got[1], Stop):
@@ -201,7 +228,8 @@ def _loop(role: SamplerRole, control: Channel, samples: Channel, cfg: RunConfig,
             status = {**role.status(), "state": "running", "pid": os.getpid()}
             control.send(Heartbeat(role="sampler", name="sampler", status=status))
             samples.send(Heartbeat(role="sampler", name="sampler", status=status), [TOPIC_CONTROL])
-        progress.update(role.chain.step, samples=role.samples_sent, nll=role.last_nll, send_failures=role.send_failures)
+        if progress.due():
+            progress.update(role.chain.step, samples=role.samples_sent, nll=role.last_nll, send_failures=role.send_failures)
     save_checkpoint(ckpt, checkpoint_state(cfg, fingerprint, role.state_dict()))
     reason = "done" if role.done else f"stopped: {stop.reason}"
     end = Stop(step=role.chain.step, sample=role.samples_sent - 1, reason=reason)

@@ -31,6 +31,7 @@ from ..core.models import load_flat_parameters
 from ..errors import GpedError
 from ..log import Progress, setup_logging
 from ..runtime import build_teacher_for, load_data, pick_device, set_threads
+from ..staging import to_device
 from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, TOPIC_TARGETS, Addresses, Channel, Security, make_socket
 from ..wire import Heartbeat, Message, Params, Report, Stop, Targets
 from .common import (CLEAN_LINGER_MS, STREAM_ENDED, Every, restore, StopFlag, checkpoint_path, checkpoint_state, close_all, handshake, is_rehello,
@@ -81,14 +82,14 @@ class StudentRole:
             log.warning("targets message %d does not fit this data set; ignored", msg.sample)
             return False
         inputs = distill_inputs(self.train_x, indices.to(self.device), msg.noise_seed, self.cfg.data.distill_noise)
-        self.losses = self.distiller.observe(inputs, indices, torch.from_numpy(np.array(msg.logits)))
+        self.losses = self.distiller.observe(inputs, indices, to_device(msg.logits, self.device))
         return True
 
     def on_params(self, msg: Params, superseded: int = 0) -> bool:
         if not self._count(msg, superseded):
             return False
         try:
-            load_flat_parameters(self.teacher, torch.from_numpy(np.array(msg.params)))
+            load_flat_parameters(self.teacher, to_device(msg.params, self.device))
         except ValueError as exc:
             log.warning("params message %d rejected: %s", msg.sample, exc)
             return False
