@@ -3,7 +3,9 @@
 #
 #   bench/gpu_check.sh [OUT.json]          (default OUT: bench-results-gpu.json, tables in OUT.md)
 #
-# What runs: python -m bench.run_all --quick --device cuda — transport (host buffers, as on any
+# What runs: first the CUDA tests of the fast path (tests/test_fastpath.py -k cuda: pinned staging,
+# uploads, the sampler's deferred publishing on the GPU; skipped if pytest is not installed), then
+# python -m bench.run_all --quick --device cuda — transport (host buffers, as on any
 # machine), the sampler's steps/s alone and with 1 and 2 students (sampler and students on the
 # GPU: `--device cuda` for each role, i.e. sampler.device=cuda and each student's device=cuda),
 # `gped run` against `gped reference --device cuda` for the same work, and memory.
@@ -25,10 +27,16 @@ if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else
     gpu="$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(0))')"
     echo "gpu_check: CUDA device found ($gpu): sampler and students on cuda" >&2
     start=$(date +%s)
+    if "$PYTHON" -c 'import pytest' 2>/dev/null; then
+        timeout 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_fastpath.py -k cuda \
+            || { echo "gpu_check: the CUDA fast-path tests failed" >&2; exit 1; }
+    else
+        echo "gpu_check: pytest not installed; skipping the CUDA fast-path tests" >&2
+    fi
     status=0
-    timeout 290 "$PYTHON" -m bench.run_all --quick --device cuda --out "$out" --work bench-work-gpu "${extra[@]}" || status=$?
+    timeout 230 "$PYTHON" -m bench.run_all --quick --device cuda --out "$out" --work bench-work-gpu "${extra[@]}" || status=$?
     if [[ $status -eq 124 ]]; then
-        echo "gpu_check: stopped at the 290 s limit; the sections that finished are in $out" >&2
+        echo "gpu_check: stopped at the 230 s limit; the sections that finished are in $out" >&2
         exit 124
     fi
     [[ $status -eq 0 ]] || { echo "gpu_check: bench.run_all failed (exit $status)" >&2; exit "$status"; }

@@ -56,6 +56,7 @@ SAMPLER_ROWS = [
     ("distillation batch (DistillStream.next)", "gped/core/chain.py", "next"),
     ("distillation inputs (distill_inputs)", "gped/core/data.py", "distill_inputs"),
     ("targets evaluation (evaluate_logits)", "gped/core/chain.py", "evaluate_logits"),
+    ("staging (HostStager.stage; device→host on CUDA)", "gped/staging.py", "stage"),
     ("message build + validation", "gped/wire/messages.py", "__post_init__"),
     ("  finite check (all_finite)", "gped/wire/messages.py", "all_finite"),
     ("publish (Channel.send)", "gped/transport.py", "send"),
