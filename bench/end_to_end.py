@@ -7,9 +7,14 @@ alternates between repeats). Reported, side by side:
 * wall time of the command (start-up, data, handshake, run, summary: what a user waits for) and of
   the run phase alone (reference: its own loop timer; distributed: from the sampler's "started"
   line to the coordinator's summary line, timed on arrival of the lines);
-* the work done (posterior samples, each student's updates and missed samples) — equal work;
+* the work done (posterior samples, each student's updates and missed samples) — equal work:
+  students do not skip stale parameter snapshots here (``skip_stale = false``), so in both modes
+  the distributed run does exactly the reference's updates and its scores must equal the
+  reference's (a user's params-mode run may skip a snapshot to catch up, which changes the scores
+  within noise);
 * every student's scores from each run's ``summary.json`` — so speed is never bought with quality;
-* peak memory of every process (RSS, and USS/PSS, which count shared library pages once).
+* peak memory of every process (RSS, and USS/PSS, which count shared library pages once), looked
+  at once a second (USS/PSS every 10 s): the monitor's own CPU time must not tilt the comparison.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ def _reference(config: Path, run_dir: Path, device: str, timeout_s: float) -> di
     proc = Spawned("reference", python_cmd("-m", "gped", "reference", str(config), "--device", device),
                    log_path=run_dir / "reference.log", device=device)
     start = time.monotonic()
-    with RSSMonitor({"reference": proc.pid}) as rss:
+    with RSSMonitor({"reference": proc.pid}, interval_s=1.0, full_every_s=10.0) as rss:
         code = proc.wait(timeout_s)
     wall = time.monotonic() - start
     if code != 0:
@@ -63,7 +68,7 @@ def _reference(config: Path, run_dir: Path, device: str, timeout_s: float) -> di
 def _distributed(config: Path, run_dir: Path, device: str, timeout_s: float) -> dict[str, Any]:
     proc = Spawned("launcher", python_cmd("-m", "gped", "run", str(config)), log_path=run_dir / "run.log", device=device)
     start = time.monotonic()
-    with RSSMonitor({"launcher": proc.pid}) as rss:
+    with RSSMonitor({"launcher": proc.pid}, interval_s=1.0, full_every_s=10.0) as rss:
         code = proc.wait(timeout_s)
     wall = time.monotonic() - start
     if code != 0:
@@ -99,7 +104,7 @@ def run(settings: EndToEndSettings, work: Path, device: str = "cpu") -> dict[str
             order = ("reference", "distributed") if rep % 2 == 0 else ("distributed", "reference")
             for kind in order:
                 run_dir = work / f"{mode}-{kind}-r{rep}"
-                cfg, config = make_config(run_dir, base=Path(settings.base), prepared=prepared, device=device,
+                cfg, config = make_config(run_dir, base=Path(settings.base), prepared=prepared, device=device, skip_stale=False,
                                           overrides=[f'sampler.mode="{mode}"', f"sampler.steps={settings.steps}", *settings.overrides])
                 prepare_data(cfg, prepared)
                 go = _reference if kind == "reference" else _distributed
