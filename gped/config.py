@@ -256,6 +256,9 @@ class RunConfig:
         names = [s.name for s in self.students]
         if len(set(names)) != len(names):
             raise ConfigError(f"student names must be unique, got {names}")
+        taken = sorted({"sampler", "coordinator"} & set(names))
+        if taken:
+            raise ConfigError(f"student name {taken[0]!r} is the name of a role; pick another")
         for student in self.students:
             student.validate()
         return self

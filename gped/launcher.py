@@ -72,7 +72,8 @@ def _usable_cpus() -> list[int]:
 
 def _count_gpus() -> int:
     # no GPU device node, no GPU: spares the launcher a torch import (a second or more on a small box)
-    if not any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")):
+    nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg", "/dev/nvhost-ctrl", "/dev/nvgpu")  # NVIDIA, ROCm, WSL, Jetson
+    if not os.environ.get("CUDA_VISIBLE_DEVICES") and not any(Path(p).exists() for p in nodes):
         return 0
     try:
         import torch

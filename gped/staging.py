@@ -25,6 +25,7 @@ class Staged:
     def __init__(self, host: dict[str, torch.Tensor], event: Any | None = None):
         self._host = host
         self._event = event
+        self._pinned = event is not None
 
     def ready(self) -> bool:
         """Whether the copies have landed (never waits)."""
@@ -36,10 +37,16 @@ class Staged:
             self._event = None
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The host copies as numpy arrays (waiting for them if needed). The arrays keep their
-        pinned buffers alive, so zero-copy sends may hold on to them."""
+        """The host copies as numpy arrays (waiting for them if needed).
+
+        Pinned buffers are copied once more into ordinary memory and released at once: a message
+        may sit in ZeroMQ's queue for a slow subscriber for long, and page-locked memory held that
+        long (and kept by torch's caching host allocator afterwards) is memory the OS cannot swap
+        or reuse. A host memcpy costs far less than the device copy it follows."""
         self.wait()
-        return {name: tensor.numpy() for name, tensor in self._host.items()}
+        arrays = {name: tensor.numpy().copy() if self._pinned else tensor.numpy() for name, tensor in self._host.items()}
+        self._host = {}
+        return arrays
 
 
 class HostStager:

@@ -93,6 +93,32 @@ def test_a_checkpoint_covers_every_sample_up_to_the_chain_step(small_run):
     assert resumed.chain.step == 200 and resumed.samples_sent == 10
 
 
+def test_checkpoint_at_a_boundary_covers_exactly_the_boundary_samples(small_run):
+    """What the sampler's loop does: right after the boundary sample is taken, checkpoint; with copies
+    in flight the state must still cover exactly that many samples (as the students' checkpoints do)."""
+    cfg = load_config(small_run(steps=300))
+    role = _role(cfg, [])
+    role.stager = LateStager(delay=25)
+    while role.samples_taken < 5:
+        role.step()
+    assert role.samples_sent < 5  # some still in flight
+    state = role.state_dict()
+    assert state["samples_sent"] == 5 and role.chain.step == 150  # samples 0..4 are steps 110..150
+
+
+def test_a_checkpoint_never_saves_a_diverged_chain(small_run):
+    cfg = load_config(small_run(steps=300))
+    role = _role(cfg, [])
+    role.chain._check_every = 50  # as on CUDA: the loss is looked at every 50 steps
+    for _ in range(51):
+        role.step()
+    with torch.no_grad():
+        next(role.chain.model.parameters())[0, 0] = float("nan")
+    role.step()  # step 52: its loss is not looked at yet
+    with pytest.raises(GpedError, match="diverged by step 52"):
+        role.state_dict()
+
+
 def test_a_diverged_snapshot_is_refused_when_it_would_leave(small_run):
     cfg = load_config(small_run(steps=300))
     sent = []
@@ -154,7 +180,10 @@ def test_cuda_staging_is_pinned_and_exact():
     arrays = staged.arrays()
     assert staged.ready() and bool(arrays["ok"])
     assert np.array_equal(arrays["x"], (x * 2).cpu().numpy())
-    assert staged._host["x"].is_pinned()
+    # what leaves is ordinary memory: the pinned buffers go back to torch's cache at once
+    assert staged._host == {} and arrays["x"].flags.owndata
+    pinned = stager.stage({"y": x})
+    assert pinned._host["y"].is_pinned()
 
 
 @cuda

@@ -36,6 +36,13 @@ def test_cpu_plan_gives_the_sampler_cores_of_its_own():
     assert cpu_plan([], 1, ["x"]) == {"sampler": None, "x": None}
 
 
+def test_a_student_cannot_take_a_role_name(small_run):
+    from gped.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'sampler' is the name of a role"):
+        load_config(small_run(), ['students.0.name="sampler"'])
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 usable cores")
 def test_child_setup_pins_the_child_before_exec():
     core = max(os.sched_getaffinity(0))

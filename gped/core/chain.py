@@ -80,6 +80,11 @@ class TeacherChain:
         """The last step's minibatch mean negative log-likelihood (waits for the GPU)."""
         return float(self._loss)
 
+    def check(self) -> None:
+        """Raise GpedError if the last step's loss was not finite (a sync on CUDA)."""
+        if self.step:
+            self._check(self.step)
+
     def _check(self, step: int) -> None:
         """Raise GpedError if the last minibatch loss is not finite (the chain has diverged)."""
         loss = self.last_loss

@@ -260,11 +260,15 @@ class CoordinatorRole:
         shown = ", ".join(f"{k}={v:.4f}" for k, v in scores.items())
         log.info("%s at sample %d (ensemble of %d): %s", peer.name, msg.sample, self.ensemble.count, shown)
 
+    def all_final(self) -> bool:
+        """The stream ended and every attached student has sent its final report."""
+        students = [p for p in self.peers.values() if p.role == "student"]
+        return self.sampler_done is not None and bool(students) and all(p.final for p in students)
+
     def finished(self) -> bool:
         if self.sampler_done is None:
             return False
-        students = [p for p in self.peers.values() if p.role == "student"]
-        if all(p.final for p in students) and students:
+        if self.all_final():
             return True
         # students still reporting are still working through their backlog: wait while there is progress
         return time.monotonic() - max(self.sampler_done_time, self.last_report_time) > FINAL_REPORT_TIMEOUT_S
@@ -352,7 +356,8 @@ def run(cfg: RunConfig, resume: bool = False) -> int:
         log.info("run %r in %s; control on %s; %d students configured; data %s", cfg.name, run_dir, addresses.control_bind,
                  len(cfg.students), data.fingerprint)
         _loop(role, control, samples, cfg, stop, lambda: save_checkpoint(ckpt, checkpoint_state(cfg, data.fingerprint, role.state_dict())))
-        linger = CLEAN_LINGER_MS  # every peer has had its Stop (and 0.2 s to read it)
+        if role.all_final():
+            linger = CLEAN_LINGER_MS  # every student reported its end and had its Stop (and 0.2 s to read it)
         table = role.write_summary()
         log.info("summary (%s):\n%s", run_dir / "summary.md", table)
         return 0

@@ -119,8 +119,14 @@ class SamplerRole:
     def status(self) -> dict:
         return {"step": self.chain.step, "samples": self.samples_sent, "send_failures": self.send_failures, "nll": round(self.last_nll, 5)}
 
+    @property
+    def samples_taken(self) -> int:
+        """Samples published plus those staged and not yet out."""
+        return self.samples_sent + len(self._pending)
+
     def state_dict(self) -> dict:
         self.flush(wait=True)  # a checkpoint covers every sample up to the chain's step
+        self.chain.check()  # on CUDA the last steps' losses are not looked at yet: never save a diverged θ
         return {"chain": self.chain.state_dict(), "stream": self.stream.state_dict(), "samples_sent": self.samples_sent}
 
     def load_state_dict(self, state: dict) -> None:
@@ -214,7 +220,10 @@ def _loop(role: SamplerRole, control: Channel, samples: Channel, cfg: RunConfig,
     every_ckpt = cfg.coordinator.checkpoint_every
     next_ckpt = (role.samples_sent // every_ckpt + 1) * every_ckpt
     while not stop and not role.done:
-        if role.step() and role.samples_sent >= next_ckpt:  # one flush may publish more than one sample
+        role.step()
+        if role.samples_taken >= next_ckpt:
+            # right after the boundary sample was taken (on CUDA: once its copy is out), so the
+            # sampler's checkpoint covers exactly the samples the students' and coordinator's do
             save_checkpoint(ckpt, checkpoint_state(cfg, fingerprint, role.state_dict()))
             next_ckpt = (role.samples_sent // every_ckpt + 1) * every_ckpt
         if poll():
