@@ -23,13 +23,25 @@ from support import assert_clean, finish, spawn
 pytestmark = pytest.mark.slow
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, timeout: float, what: str, procs=()) -> None:
+    """Wait until ``predicate()``; fail at once (with its output) if one of ``procs`` exits first,
+    or after ``timeout`` (with every process's output), so a failure says why."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
+        for proc in procs:
+            if proc.poll() is not None:
+                out = proc.stdout.read() if proc.stdout else ""
+                pytest.fail(f"a process exited ({proc.returncode}) while waiting for {what}:\n{out[-4000:]}")
         time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
+    outputs = []
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        outputs.append((out or "")[-3000:])
+    pytest.fail(f"timed out waiting for {what}:\n" + "\n---\n".join(outputs))
 
 
 def metric_lines(run_dir: Path) -> int:
@@ -58,7 +70,7 @@ def test_stop_and_resume_equals_uninterrupted_run(small_run, mode):
     cfg = load_config(path)
     run_dir = Path(cfg.run_dir)
     launcher = spawn("run", str(path))
-    wait_for(lambda: metric_lines(run_dir) >= 4, 120, "the run to make progress")
+    wait_for(lambda: metric_lines(run_dir) >= 4, 120, "the run to make progress", [launcher])
     os.kill(launcher.pid, signal.SIGINT)  # as Ctrl-C would: the launcher forwards it to every role
     code, out = finish(launcher, timeout=90)
     assert code == 130, out[-3000:]
@@ -90,7 +102,7 @@ def test_sigkill_a_role_mid_run_and_restart(small_run, victim):
              "ent": spawn("student", str(path), "--name", "ent"), "sampler": spawn("sampler", str(path))}
     try:
         wait_for(lambda: metric_lines(run_dir) >= 2 and (run_dir / "checkpoints" / "student-pred.pt").exists()
-                 and (run_dir / "checkpoints" / "coordinator-coordinator.pt").exists(), 150, "progress")
+                 and (run_dir / "checkpoints" / "coordinator-coordinator.pt").exists(), 150, "progress", list(roles.values()))
         time.sleep(rng.uniform(0.0, 2.0))  # a random point in the run
         os.killpg(roles[victim].pid, signal.SIGKILL)
         roles[victim].communicate()
