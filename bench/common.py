@@ -14,7 +14,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from gped.transport import free_port_pair  # noqa: F401  (used here and by the other benchmarks)
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "configs" / "quickstart.toml"
@@ -71,27 +72,6 @@ def pinned(cores: Iterable[int]) -> Callable[[], None]:
 
 # --------------------------------------------------------------------------------------------------
 # ports and configs
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def free_port_pair() -> int:
-    """A port p such that p and p+1 are both free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65000 and port_free(port) and port_free(port + 1):
-            return port
-    raise RuntimeError("no free loopback port pair")
 
 
 def student_set(base_students: list, k: int) -> list:

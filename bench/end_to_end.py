@@ -49,32 +49,32 @@ PRESETS = {
 }
 
 
-def _reference(config: Path, run_dir: Path, device: str, timeout_s: float) -> dict[str, Any]:
-    proc = Spawned("reference", python_cmd("-m", "gped", "reference", str(config), "--device", device),
-                   log_path=run_dir / "reference.log", device=device)
+def _timed(label: str, args: list[str], log_path: Path, device: str, timeout_s: float) -> tuple[Spawned, float, float, dict]:
+    """Run ``gped ARGS`` to its end: the process (log lines timed on arrival), its start (monotonic),
+    wall seconds, memory.
+    The memory monitor looks once a second (USS/PSS every 10 s): its own CPU time must not slow the
+    five-process side more than the one-process side."""
+    proc = Spawned(label, python_cmd("-m", "gped", *args), log_path=log_path, device=device)
     start = time.monotonic()
-    with RSSMonitor({"reference": proc.pid}, interval_s=1.0, full_every_s=10.0) as rss:
+    with RSSMonitor({label: proc.pid}, interval_s=1.0, full_every_s=10.0) as rss:
         code = proc.wait(timeout_s)
     wall = time.monotonic() - start
+    proc.stop()
     if code != 0:
-        proc.stop()
-        raise RuntimeError(f"gped reference failed ({code}):\n{proc.tail()}")
+        raise RuntimeError(f"gped {args[0]} failed ({code}):\n{proc.tail()}")
+    return proc, start, wall, rss.report()
+
+
+def _reference(config: Path, run_dir: Path, device: str, timeout_s: float) -> dict[str, Any]:
+    _, _, wall, memory = _timed("reference", ["reference", str(config), "--device", device], run_dir / "reference.log", device, timeout_s)
     summary = json.loads((run_dir / "summary.json").read_text())
     students = {name: {"updates": None, "missed": 0} for name in summary["scores"] if name != "teacher ensemble"}
     return {"wall_s": wall, "run_s": summary["wall_s"], "samples": summary["samples"], "scores": summary["scores"],
-            "students": students, "memory": rss.report()}
+            "students": students, "memory": memory}
 
 
 def _distributed(config: Path, run_dir: Path, device: str, timeout_s: float) -> dict[str, Any]:
-    proc = Spawned("launcher", python_cmd("-m", "gped", "run", str(config)), log_path=run_dir / "run.log", device=device)
-    start = time.monotonic()
-    with RSSMonitor({"launcher": proc.pid}, interval_s=1.0, full_every_s=10.0) as rss:
-        code = proc.wait(timeout_s)
-    wall = time.monotonic() - start
-    if code != 0:
-        proc.stop()
-        raise RuntimeError(f"gped run failed ({code}):\n{proc.tail()}")
-    proc.stop()
+    proc, start, wall, memory = _timed("launcher", ["run", str(config)], run_dir / "run.log", device, timeout_s)
     summary = json.loads((run_dir / "summary.json").read_text())
     # the chain starts before the handshake (burn-in needs no listener) and streams after the start signal
     began, ended = proc.first_line("gped.sampler: chain ready at step"), proc.first_line("gped.coordinator: summary (")
@@ -90,7 +90,7 @@ def _distributed(config: Path, run_dir: Path, device: str, timeout_s: float) -> 
     students = {name: {"updates": m.get("updates"), "missed": m.get("missed"), "samples": m.get("samples")}
                 for name, m in summary.get("students", {}).items()}
     return {"wall_s": wall, "run_s": (ended - began) if began and ended else None, "samples": summary["samples"],
-            "scores": summary["scores"], "students": students, "memory": rss.report(),
+            "scores": summary["scores"], "students": students, "memory": memory,
             "ensemble_missed": summary.get("ensemble_missed"), "phases": phases}
 
 

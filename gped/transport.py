@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import random
+import socket
 import time
 from dataclasses import dataclass
 
@@ -234,3 +236,32 @@ class Security:
         if self.auth is not None:
             self.auth.stop()
             self.auth = None
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``port`` can be bound on ``host`` right now."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A port p such that p and p+1 (a run's control and sample ports) are both free on ``host``,
+    taken *below* the kernel's ephemeral range: a pair from that range (what bind(0) gives) can see
+    p+1 grabbed as the local end of some outgoing connection (ZeroMQ reconnects every 100 ms)
+    before the sampler binds it. For tests, benchmarks and local experiments."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()  # not seeded: concurrent sessions must not pick the same ports
+    for _ in range(500):
+        port = rng.randrange(max(1024, low - 12000), low - 2)
+        if port_free(port, host) and port_free(port + 1, host):
+            return port
+    raise RuntimeError("no free port pair below the ephemeral range")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,33 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from gped.transport import free_port_pair, port_free  # noqa: F401  (re-exported for the tests)
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port_pair() -> int:
-    """A port p such that p and p+1 are both free on 127.0.0.1, taken *below* the kernel's
-    ephemeral range: a pair from that range (what bind(0) gives) can see p+1 grabbed as the local
-    end of some outgoing connection (zmq reconnects every 100 ms) before the sampler binds it."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.Random()  # not seeded: concurrent test sessions must not pick the same ports
-    for _ in range(500):
-        port = rng.randrange(max(1024, low - 12000), low - 2)
-        if port_free(port) and port_free(port + 1):
-            return port
-    raise RuntimeError("no free port pair below the ephemeral range")
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 SMALL_RUN = """
@@ -134,3 +109,58 @@ def assert_clean(marker: str, port: int) -> None:
         p.kill()
     assert not left, f"processes left behind: {[p.pid for p in left]}"
     assert port_free(port) and port_free(port + 1), "ports still in use"
+
+
+@contextlib.contextmanager
+def reaped(procs: list[subprocess.Popen]):
+    """Yield ``procs`` (append to it freely); on the way out kill any that still run, so a failing
+    test leaves nothing behind."""
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def reference_after(cfg):
+    """The sequential reference loop run to the config's last step: what a distributed run must equal."""
+    from gped.reference import ReferenceRun
+
+    ref = ReferenceRun(cfg)
+    while ref.chain.step < cfg.sampler.steps:
+        ref.step()
+    return ref
+
+
+def _role_state(run_dir: Path, name: str) -> dict:
+    from gped.checkpoint import load_checkpoint
+
+    return load_checkpoint(run_dir / "checkpoints" / f"{name}.pt")["role"]
+
+
+def assert_chain_equals_reference(run_dir: Path, ref) -> None:
+    """The sampler's checkpointed teacher is bit for bit the reference loop's."""
+    import torch
+
+    state = _role_state(run_dir, "sampler-sampler")["chain"]["model"]
+    for key, value in ref.chain.model.state_dict().items():
+        assert torch.equal(state[key], value), key
+
+
+def assert_students_equal_reference(run_dir: Path, ref, atol: float = 1e-6) -> None:
+    """Every student's checkpoint has the reference's update count and weights (to ``atol``)."""
+    import torch
+
+    for name, distiller in ref.distillers.items():
+        state = _role_state(run_dir, f"student-{name}")["distiller"]
+        assert int(state["updates"]) == distiller.updates, name
+        for key, value in distiller.model.state_dict().items():
+            assert torch.allclose(state["model"][key], value, atol=atol), (name, key)
+
+
+def assert_ensemble_equals_reference(run_dir: Path, ref, atol: float = 1e-9) -> None:
+    import torch
+
+    coord = _role_state(run_dir, "coordinator-coordinator")
+    assert torch.allclose(coord["ensemble"]["sum_probs"], ref.ensemble.sum_probs, atol=atol)

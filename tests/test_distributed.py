@@ -11,13 +11,11 @@ import re
 import time
 
 import pytest
-import torch
 
-from gped.checkpoint import load_checkpoint
 from gped.config import load_config
-from gped.reference import ReferenceRun
 
-from support import assert_clean, finish, spawn
+from support import (assert_chain_equals_reference, assert_clean, assert_ensemble_equals_reference, assert_students_equal_reference,
+                     finish, reaped, reference_after, spawn)
 
 pytestmark = pytest.mark.slow
 
@@ -54,47 +52,28 @@ def test_loopback_run_matches_reference_and_students_learn(small_run, mode):
     assert ent[-1]["student_metrics"]["loss.expected_entropy"] < ent[0]["student_metrics"]["loss.expected_entropy"]
 
     # lockstep (nothing dropped): the distributed run equals the sequential reference loop
-    ref = ReferenceRun(cfg)
-    while ref.chain.step < cfg.sampler.steps:
-        ref.step()
-    sampler_state = load_checkpoint(run_dir / "checkpoints" / "sampler-sampler.pt")["role"]
-    for key, value in ref.chain.model.state_dict().items():
-        assert torch.equal(sampler_state["chain"]["model"][key], value), key
-    for name, distiller in ref.distillers.items():
-        state = load_checkpoint(run_dir / "checkpoints" / f"student-{name}.pt")["role"]["distiller"]
-        assert state["updates"] == distiller.updates
-        for key, value in distiller.model.state_dict().items():
-            assert torch.allclose(state["model"][key], value, atol=1e-6), (name, key)
-    coord = load_checkpoint(run_dir / "checkpoints" / "coordinator-coordinator.pt")["role"]
-    assert torch.allclose(coord["ensemble"]["sum_probs"], ref.ensemble.sum_probs, atol=1e-9)
+    ref = reference_after(cfg)
+    assert_chain_equals_reference(run_dir, ref)
+    assert_students_equal_reference(run_dir, ref)
+    assert_ensemble_equals_reference(run_dir, ref)
 
 
 def test_sampler_started_first_burns_in_while_waiting_and_the_run_is_unchanged(small_run, tmp_path):
     path = small_run(steps=300)
     cfg = load_config(path)
     run_dir = tmp_path / "run"
-    procs = [spawn("sampler", str(path))]
-    try:
+    with reaped([spawn("sampler", str(path))]) as procs:
         time.sleep(3.0)  # alone: no coordinator to answer its hello yet
         assert procs[0].poll() is None
         procs += [spawn("coordinator", str(path)), spawn("student", str(path), "--name", "pred"),
                   spawn("student", str(path), "--name", "ent")]
         outputs = [finish(p, timeout=180) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
     for code, out in outputs:
         assert code == 0, out[-3000:]
     assert "burn-in: 100 steps taken while the others started" in outputs[0][1], outputs[0][1][-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["samples"] == 20 and all(m["missed"] == 0 and m["samples"] == 20 for m in summary["students"].values())
-    ref = ReferenceRun(cfg)
-    while ref.chain.step < cfg.sampler.steps:
-        ref.step()
-    sampler_state = load_checkpoint(run_dir / "checkpoints" / "sampler-sampler.pt")["role"]
-    for key, value in ref.chain.model.state_dict().items():
-        assert torch.equal(sampler_state["chain"]["model"][key], value), key
+    assert_chain_equals_reference(run_dir, reference_after(cfg))
     assert_clean(str(run_dir), cfg.coordinator.port)
 
 
@@ -102,8 +81,7 @@ def test_second_sampler_with_other_config_is_refused_and_student_waits(small_run
     path = small_run(steps=400)
     cfg = load_config(path)
     run_dir = tmp_path / "run"
-    procs = [spawn("coordinator", str(path)), spawn("student", str(path), "--name", "pred")]
-    try:
+    with reaped([spawn("coordinator", str(path)), spawn("student", str(path), "--name", "pred")]) as procs:
         time.sleep(4.0)  # the student is up before any sampler: it must wait, not fail
         assert procs[1].poll() is None
         other = spawn("sampler", str(path), "--set", "sampler.step_size=1e-3")
@@ -113,10 +91,6 @@ def test_second_sampler_with_other_config_is_refused_and_student_waits(small_run
         procs.append(spawn("student", str(path), "--name", "ent"))
         procs.append(spawn("sampler", str(path)))
         outputs = [finish(p, timeout=180) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
     for code, out in outputs:
         assert code == 0, out[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())

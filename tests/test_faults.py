@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from gped.checkpoint import load_checkpoint
 from gped.config import load_config
-from gped.reference import ReferenceRun
-from support import assert_clean, finish, spawn
+from support import (assert_chain_equals_reference, assert_clean, assert_ensemble_equals_reference, assert_students_equal_reference,
+                     finish, reference_after, spawn)
 
 pytestmark = pytest.mark.slow
 
@@ -49,21 +48,6 @@ def metric_lines(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def reference_after(cfg) -> ReferenceRun:
-    ref = ReferenceRun(cfg)
-    while ref.chain.step < cfg.sampler.steps:
-        ref.step()
-    return ref
-
-
-def assert_students_equal_reference(run_dir: Path, ref: ReferenceRun, atol: float = 1e-6) -> None:
-    for name, distiller in ref.distillers.items():
-        state = load_checkpoint(run_dir / "checkpoints" / f"student-{name}.pt")["role"]["distiller"]
-        assert int(state["updates"]) == distiller.updates, name
-        for key, value in distiller.model.state_dict().items():
-            assert torch.allclose(state["model"][key], value, atol=atol), (name, key)
-
-
 @pytest.mark.parametrize("mode", ["targets", "params"])
 def test_stop_and_resume_equals_uninterrupted_run(small_run, mode):
     path = small_run(mode=mode, steps=2000)
@@ -81,12 +65,9 @@ def test_stop_and_resume_equals_uninterrupted_run(small_run, mode):
     assert code == 0, out[-3000:]
     assert_clean(str(run_dir), cfg.coordinator.port)
     ref = reference_after(cfg)
-    sampler = load_checkpoint(run_dir / "checkpoints" / "sampler-sampler.pt")["role"]["chain"]
-    for key, value in ref.chain.model.state_dict().items():
-        assert torch.equal(sampler["model"][key], value), key
+    assert_chain_equals_reference(run_dir, ref)
     assert_students_equal_reference(run_dir, ref)
-    coord = load_checkpoint(run_dir / "checkpoints" / "coordinator-coordinator.pt")["role"]
-    assert torch.allclose(coord["ensemble"]["sum_probs"], ref.ensemble.sum_probs, atol=1e-9)
+    assert_ensemble_equals_reference(run_dir, ref)
 
 
 ROLE_ARGS = {"coordinator": ["coordinator"], "sampler": ["sampler"], "student": ["student", "--name", "pred"]}

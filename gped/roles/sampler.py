@@ -31,7 +31,7 @@ from ..log import Progress, setup_logging
 from ..runtime import TARGETS_STREAM_OFFSET, build_teacher_for, load_data, pick_device, set_threads
 from ..staging import HostStager
 from ..transport import TOPIC_CONTROL, TOPIC_PARAMS, TOPIC_TARGETS, Addresses, Channel, Security, bind, make_socket
-from ..wire import Heartbeat, Message, Params, Start, Stop, Targets
+from ..wire import Heartbeat, Message, Params, ProtocolError, Start, Stop, Targets
 from .common import (Every, restore, StopFlag, checkpoint_path, checkpoint_state, close_all, handshake, is_rehello,
                      load_role_checkpoint, make_hello)
 
@@ -89,8 +89,7 @@ class SamplerRole:
 
     def _stage_sample(self) -> None:
         step, sample = self.chain.step, self.chain.sample_id
-        flat = flat_parameters(self.chain.model)
-        tensors = {"params": flat, "finite": torch.isfinite(flat).all()}  # checked on the device, read with the copy
+        tensors = {"params": flat_parameters(self.chain.model)}
         extra: dict = {}
         if self.cfg.sampler.mode == "targets":
             indices, noise_seed = self.stream.next()
@@ -105,10 +104,12 @@ class SamplerRole:
         while self._pending and (wait or self._pending[0][2].ready()):
             step, sample, staged, extra = self._pending.popleft()
             arrays = staged.arrays()
-            if not bool(arrays["finite"]):
-                raise GpedError(f"the chain diverged by step {step} (non-finite parameters); lower sampler.step_size")
             flat = arrays["params"]
-            ok = self.publish(TOPIC_PARAMS, Params(step=step, sample=sample, numel=flat.size, params=flat))
+            try:  # the message checks every value is finite; for our own snapshot only a diverged chain fails that
+                params = Params(step=step, sample=sample, numel=flat.size, params=flat)
+            except ProtocolError:
+                raise GpedError(f"the chain diverged by step {step} (non-finite parameters); lower sampler.step_size") from None
+            ok = self.publish(TOPIC_PARAMS, params)
             if "logits" in arrays:
                 ok &= self.publish(TOPIC_TARGETS, Targets(step=step, sample=sample, logits=arrays["logits"], **extra))
             self.samples_sent += 1
